@@ -1,0 +1,634 @@
+//! `latchkey`: the server, the demo, administration of the configured store, and the
+//! agent-side `token` command — one binary.
+
+mod token;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use latchkey_core::clock::SystemClock;
+use latchkey_core::scope::Scopes;
+use latchkey_core::vault::{Actor, NewConnection};
+use latchkey_core::{Vault, catalog};
+use latchkey_crypto::jws::PublicKey;
+use latchkey_server::{Config, ServeOptions, Server, demo};
+use secrecy::SecretString;
+
+#[derive(Parser)]
+#[command(
+    name = "latchkey",
+    version,
+    about = "A self-hosted token vault for AI agents"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Global {
+    /// Configuration file (default: ./latchkey.toml when present).
+    #[arg(long, global = true, env = "LATCHKEY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (database, keys, certificates). Overrides the configuration.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    #[command(
+        after_help = "Example:\n  latchkey serve --listen 0.0.0.0:8750 --data-dir /var/lib/latchkey"
+    )]
+    Serve(ServeArgs),
+    /// Run the server with the built-in demo provider, a demo user, connection and agent.
+    #[command(after_help = "Example:\n  latchkey demo")]
+    Demo(ServeArgs),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Manage connections (upstream providers).
+    #[command(subcommand)]
+    Connection(ConnectionCmd),
+    /// Manage agents and their grants.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Inspect and revoke connected accounts.
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Manage encryption keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Agent side: sign a privileged-worker request with a key file and print the upstream token.
+    #[command(
+        after_help = "Example:\n  TOKEN=$(latchkey token --issuer https://127.0.0.1:8750/ --ca-cert latchkey-data/tls/ca.pem \\\n      --client-id agt_… --key latchkey-data/demo-agent.key --user usr_… --connection demo-git)"
+    )]
+    Token(token::TokenArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1:8750).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Serve plain HTTP, for running behind a TLS-terminating proxy.
+    #[arg(long)]
+    http: bool,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create a user. The password is read from standard input (one line) unless --no-password.
+    #[command(after_help = "Example:\n  echo 'correct horse battery' | latchkey user add alice")]
+    Add {
+        username: String,
+        /// Create the user without a password (cannot sign in until `user passwd`).
+        #[arg(long)]
+        no_password: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a user's password (read from standard input).
+    #[command(after_help = "Example:\n  echo 'new password here' | latchkey user passwd alice")]
+    Passwd { user: String },
+    /// List users.
+    #[command(after_help = "Example:\n  latchkey user list --json")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
+enum ConnectionCmd {
+    /// Register an upstream provider.
+    #[command(
+        after_help = "Examples:\n  latchkey connection add demo-git --provider demo\n  \
+        latchkey connection add github --authorize-url https://github.com/login/oauth/authorize \\\n      \
+        --token-url https://github.com/login/oauth/access_token --client-id Iv1.abc \\\n      \
+        --client-secret-file github.secret --scopes 'repo read:user' --userinfo-url https://api.github.com/user"
+    )]
+    Add {
+        name: String,
+        /// `demo` (the built-in demo provider) or `oauth2` (generic endpoints below).
+        #[arg(long, default_value = "oauth2")]
+        provider: String,
+        #[arg(long)]
+        authorize_url: Option<String>,
+        #[arg(long)]
+        token_url: Option<String>,
+        #[arg(long)]
+        revoke_url: Option<String>,
+        #[arg(long)]
+        userinfo_url: Option<String>,
+        #[arg(long)]
+        api_base_url: Option<String>,
+        #[arg(long)]
+        client_id: Option<String>,
+        /// File holding the upstream client secret (or set LATCHKEY_CLIENT_SECRET).
+        #[arg(long)]
+        client_secret_file: Option<PathBuf>,
+        /// Scopes requested when a user connects (space- or comma-separated).
+        #[arg(long, default_value = "")]
+        scopes: String,
+    },
+    /// List connections.
+    #[command(after_help = "Example:\n  latchkey connection list")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Register an agent with public keys (PEM or JWK files) and/or a generated client secret.
+    #[command(
+        after_help = "Example:\n  latchkey agent add nightly-bot --public-key bot.pub.pem --json"
+    )]
+    Add {
+        name: String,
+        /// Public key file (PEM `PUBLIC KEY` or a JWK); repeat for several keys.
+        #[arg(long = "public-key")]
+        public_keys: Vec<PathBuf>,
+        /// Algorithm of the keys: RS256, PS256, ES256, EdDSA (default: from the key type; RSA → RS256).
+        #[arg(long)]
+        alg: Option<String>,
+        /// Also generate a client secret (printed once).
+        #[arg(long)]
+        secret: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow an agent scopes on a connection (replaces an earlier grant for that connection).
+    #[command(
+        after_help = "Example:\n  latchkey agent grant agt_… --connection demo-git --scopes 'repo:read issues:write'"
+    )]
+    Grant {
+        agent: String,
+        #[arg(long)]
+        connection: String,
+        #[arg(long)]
+        scopes: String,
+        /// Allowed client address or CIDR block; repeat for several. Default: any.
+        #[arg(long = "ip")]
+        ip_allowlist: Vec<String>,
+    },
+    /// List agents.
+    #[command(after_help = "Example:\n  latchkey agent list --json")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountCmd {
+    /// List connected accounts.
+    #[command(after_help = "Example:\n  latchkey account list --user demo")]
+    List {
+        /// Only this user's accounts (id or username).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a connected account: the very next exchange fails; the provider is asked to
+    /// revoke the refresh token too.
+    #[command(after_help = "Example:\n  latchkey account revoke cac_…")]
+    Revoke { account: String },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Start a new data key and re-encrypt every stored secret with it (safe while serving).
+    /// With --kek, also replace the key-encryption key file and re-wrap the data keys.
+    #[command(after_help = "Examples:\n  latchkey key rotate\n  latchkey key rotate --kek")]
+    Rotate {
+        #[arg(long)]
+        kek: bool,
+    },
+}
+
+fn load_config(global: &Global, serve: Option<&ServeArgs>) -> Result<Config> {
+    let mut config = Config::load(global.config.as_deref()).context("loading configuration")?;
+    if let Some(d) = &global.data_dir {
+        config.data_dir = d.clone();
+    }
+    if let Some(s) = serve {
+        if let Some(l) = &s.listen {
+            config.listen = l.clone();
+        }
+        config.http |= s.http;
+    }
+    Ok(config)
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The vault as administrative commands see it (same database and keys as the server).
+async fn admin_vault(config: &Config) -> Result<Arc<Vault>> {
+    let issuer = config.public_url.clone().unwrap_or_else(|| {
+        format!(
+            "{}://{}/",
+            if config.http { "http" } else { "https" },
+            config.listen
+        )
+    });
+    // Trust Latchkey's own local CA, so revocation reaches the built-in demo provider.
+    let local_ca = std::fs::read(config.data_dir.join("tls").join("ca.pem")).ok();
+    latchkey_server::open_vault(config, &issuer, Arc::new(SystemClock), local_ca).await
+}
+
+fn read_password() -> Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    let p = line.trim_end_matches(['\n', '\r']).to_owned();
+    if p.is_empty() {
+        bail!("no password on standard input (pipe it in, or use --no-password)");
+    }
+    Ok(p)
+}
+
+fn self_command() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_owned))
+        .filter(|p| !p.contains(' '))
+        .unwrap_or_else(|| "latchkey".into())
+}
+
+async fn serve(global: &Global, args: &ServeArgs, demo_mode: bool) -> Result<()> {
+    let config = load_config(global, Some(args))?;
+    init_logging(&config.log);
+    let server = Server::bind(
+        &config,
+        ServeOptions {
+            demo: demo_mode,
+            ..Default::default()
+        },
+    )
+    .await?;
+    println!(
+        "Latchkey is listening on {} (issuer {})",
+        server.local_addr(),
+        server.issuer
+    );
+    if let Some(ca) = &server.ca_path {
+        let ca = std::fs::canonicalize(ca).unwrap_or(ca.clone());
+        println!(
+            "HTTPS uses a local CA. Trust it with:\n  export SSL_CERT_FILE={ca}    # curl, Rust, many tools (curl also: --cacert {ca})\n  \
+             export REQUESTS_CA_BUNDLE={ca}    # Python requests\n  export NODE_EXTRA_CA_CERTS={ca}    # Node.js",
+            ca = ca.display()
+        );
+    }
+    if demo_mode {
+        let info = demo::seed(&server.vault, &config.data_dir).await?;
+        print_walkthrough(&server, &info);
+    }
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    server.run(shutdown).await
+}
+
+fn print_walkthrough(server: &Server, info: &demo::DemoInfo) {
+    let me = self_command();
+    let issuer = &server.issuer;
+    let ca = server
+        .ca_path
+        .as_ref()
+        .map(|p| {
+            std::fs::canonicalize(p)
+                .unwrap_or(p.clone())
+                .display()
+                .to_string()
+        })
+        .unwrap_or_default();
+    let cacert = if ca.is_empty() {
+        String::new()
+    } else {
+        format!(" --ca-cert {ca}")
+    };
+    let curl_ca = if ca.is_empty() {
+        String::new()
+    } else {
+        format!(" --cacert {ca}")
+    };
+    println!(
+        "\nDemo ready. Walkthrough:\n\
+         1. Connect the demo account: open {issuer}connect/{conn}\n   sign in as `{user}` with password `{pw}`, then press Approve on the demo provider's page.\n\
+         2. Act as the agent: fetch a short-lived token for that user and call the demo API with it:\n   \
+         TOKEN=$({me} token --issuer {issuer}{cacert} --client-id {agent} --key {key} --user {uid} --connection {conn} --audit-context 'demo walkthrough')\n   \
+         curl{curl_ca} -H \"Authorization: Bearer $TOKEN\" {issuer}demo/api/user\n\
+         3. Revoke it: {me} account list, then {me} account revoke <id>; step 2 now fails with federated_connection_refresh_token_not_found.\n",
+        conn = info.connection,
+        user = info.username,
+        pw = info.password,
+        agent = info.agent_id,
+        key = info.agent_key.display(),
+        uid = info.user_id,
+    );
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Serve(args) => serve(g, &args, false).await,
+        Command::Demo(args) => serve(g, &args, true).await,
+        Command::Token(args) => token::run(args).await,
+        other => {
+            let config = load_config(g, None)?;
+            init_logging("warn");
+            let vault = admin_vault(&config).await?;
+            admin(&vault, &config, other).await
+        }
+    }
+}
+
+async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
+    let actor = Actor::cli();
+    match command {
+        Command::User(UserCmd::Add {
+            username,
+            no_password,
+            json,
+        }) => {
+            let password = if no_password {
+                None
+            } else {
+                Some(read_password()?)
+            };
+            let u = vault
+                .add_user(&username, password.as_deref(), &actor)
+                .await?;
+            if json {
+                print_json(&serde_json::json!({"id": u.id, "username": u.username}));
+            } else {
+                println!("created user {} ({})", u.username, u.id);
+            }
+        }
+        Command::User(UserCmd::Passwd { user }) => {
+            let u = vault.set_password(&user, &read_password()?, &actor).await?;
+            println!("password set for {} ({})", u.username, u.id);
+        }
+        Command::User(UserCmd::List { json }) => {
+            let users = vault.store().list_users().await?;
+            if json {
+                print_json(&serde_json::json!(
+                    users
+                        .iter()
+                        .map(|u| serde_json::json!({"id": u.id, "username": u.username}))
+                        .collect::<Vec<_>>()
+                ));
+            } else {
+                for u in users {
+                    println!("{}\t{}", u.id, u.username);
+                }
+            }
+        }
+        Command::Connection(ConnectionCmd::Add {
+            name,
+            provider,
+            authorize_url,
+            token_url,
+            revoke_url,
+            userinfo_url,
+            api_base_url,
+            client_id,
+            client_secret_file,
+            scopes,
+        }) => {
+            let new = if provider == catalog::DEMO {
+                demo::demo_connection(vault, &name).await?
+            } else {
+                let secret = match (
+                    client_secret_file,
+                    std::env::var("LATCHKEY_CLIENT_SECRET").ok(),
+                ) {
+                    (Some(f), _) => Some(
+                        std::fs::read_to_string(&f)
+                            .with_context(|| format!("reading {}", f.display()))?
+                            .trim()
+                            .to_owned(),
+                    ),
+                    (None, s) => s,
+                };
+                NewConnection {
+                    name,
+                    provider,
+                    client_id: client_id.context("--client-id is required")?,
+                    client_secret: secret.map(SecretString::from),
+                    authorize_url: authorize_url.context("--authorize-url is required")?,
+                    token_url: token_url.context("--token-url is required")?,
+                    revoke_url,
+                    userinfo_url,
+                    api_base_url,
+                    scopes: Scopes::parse(&scopes),
+                }
+            };
+            let c = vault.add_connection(new, &actor).await?;
+            println!(
+                "created connection {} ({}, provider {})",
+                c.name, c.id, c.provider
+            );
+        }
+        Command::Connection(ConnectionCmd::List { json }) => {
+            let list = vault.store().list_connections().await?;
+            if json {
+                print_json(&serde_json::json!(list
+                    .iter()
+                    .map(|c| serde_json::json!({"id": c.id, "name": c.name, "provider": c.provider, "scopes": c.scopes.to_string_spaced()}))
+                    .collect::<Vec<_>>()));
+            } else {
+                for c in list {
+                    println!("{}\t{}\t{}\t{}", c.id, c.name, c.provider, c.scopes);
+                }
+            }
+        }
+        Command::Agent(AgentCmd::Add {
+            name,
+            public_keys,
+            alg,
+            secret,
+            json,
+        }) => {
+            let alg = match alg.as_deref() {
+                None => None,
+                Some(a) => Some(
+                    a.parse::<latchkey_crypto::Algorithm>()
+                        .map_err(|_| anyhow::anyhow!("unknown algorithm `{a}`"))?,
+                ),
+            };
+            let mut keys = Vec::new();
+            for path in &public_keys {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                keys.push(
+                    PublicKey::parse(&text, alg, None)
+                        .with_context(|| format!("{}", path.display()))?,
+                );
+            }
+            let (agent, secret) = vault.add_agent(&name, &keys, secret, &actor).await?;
+            let secret = secret.map(|s| secrecy::ExposeSecret::expose_secret(&s).to_owned());
+            if json {
+                print_json(&serde_json::json!({
+                    "client_id": agent.id, "name": agent.name,
+                    "kids": keys.iter().map(|k| k.kid.clone()).collect::<Vec<_>>(),
+                    "client_secret": secret,
+                }));
+            } else {
+                println!("created agent {} with client id {}", agent.name, agent.id);
+                if let Some(s) = secret {
+                    println!("client secret (shown once, stored only as a hash): {s}");
+                }
+            }
+        }
+        Command::Agent(AgentCmd::Grant {
+            agent,
+            connection,
+            scopes,
+            ip_allowlist,
+        }) => {
+            let g = vault
+                .grant(
+                    &agent,
+                    &connection,
+                    Scopes::parse(&scopes),
+                    ip_allowlist,
+                    &actor,
+                )
+                .await?;
+            println!("granted {} on {connection}: {}", g.agent_id, g.scopes);
+        }
+        Command::Agent(AgentCmd::List { json }) => {
+            let list = vault.store().list_agents().await?;
+            if json {
+                print_json(&serde_json::json!(list
+                    .iter()
+                    .map(|a| serde_json::json!({"client_id": a.id, "name": a.name, "disabled": a.disabled}))
+                    .collect::<Vec<_>>()));
+            } else {
+                for a in list {
+                    println!(
+                        "{}\t{}{}",
+                        a.id,
+                        a.name,
+                        if a.disabled { "\t(disabled)" } else { "" }
+                    );
+                }
+            }
+        }
+        Command::Account(AccountCmd::List { user, json }) => {
+            let user_id = match user {
+                Some(u) => Some(vault.find_user(&u).await?.id),
+                None => None,
+            };
+            let connections = vault.store().list_connections().await?;
+            let name = |id: &str| {
+                connections
+                    .iter()
+                    .find(|c| c.id == id)
+                    .map(|c| c.name.clone())
+                    .unwrap_or_default()
+            };
+            let list = vault.store().list_accounts(user_id.as_deref()).await?;
+            if json {
+                print_json(&serde_json::json!(list
+                    .iter()
+                    .map(|a| serde_json::json!({
+                        "id": a.id, "user_id": a.user_id, "connection": name(&a.connection_id),
+                        "upstream_account_id": a.upstream_account_id, "scopes": a.scopes.to_string_spaced(),
+                        "status": a.status.as_str(), "last_used_at": a.last_used_at,
+                    }))
+                    .collect::<Vec<_>>()));
+            } else {
+                for a in list {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        a.id,
+                        a.user_id,
+                        name(&a.connection_id),
+                        a.status.as_str(),
+                        a.scopes
+                    );
+                }
+            }
+        }
+        Command::Account(AccountCmd::Revoke { account }) => {
+            let outcome = vault.revoke_account(&account, &actor).await?;
+            println!(
+                "revoked {account}; the provider {}",
+                if outcome.upstream_revoked {
+                    "revoked its refresh token"
+                } else {
+                    "could not be asked to revoke (see logs)"
+                }
+            );
+        }
+        Command::Key(KeyCmd::Rotate { kek }) => {
+            if kek {
+                rotate_kek(vault, config).await?;
+            }
+            let report = vault.rotate_data_key().await?;
+            println!(
+                "data key v{} is active; {} stored secrets re-encrypted",
+                report.new_version, report.resealed
+            );
+        }
+        Command::Serve(_) | Command::Demo(_) | Command::Token(_) => unreachable!("handled by run"),
+    }
+    Ok(())
+}
+
+/// Replace the KEK file: the new key is written beside the old one first, the data keys are
+/// re-wrapped in one transaction, then the new file replaces the old. If the process dies in
+/// between, `kek.new` holds the key the database now needs.
+async fn rotate_kek(vault: &Vault, config: &Config) -> Result<()> {
+    if config.kek.is_some() {
+        bail!(
+            "the KEK comes from LATCHKEY_KEK / LATCHKEY_KEK_FILE / the config file; rotate it where it is kept"
+        );
+    }
+    let path = latchkey_server::kek::kek_path(config);
+    let staged = path.with_extension("new");
+    let new = latchkey_crypto::envelope::Kek::generate();
+    latchkey_server::tls::write_private(&staged, new.encode().as_bytes())?;
+    let fingerprint = new.fingerprint();
+    vault.keys.rotate_kek(new, vault.now()).await?;
+    std::fs::rename(&staged, &path).with_context(|| format!("replacing {}", path.display()))?;
+    println!(
+        "key-encryption key {fingerprint} is active ({}); back it up with the database",
+        path.display()
+    );
+    Ok(())
+}

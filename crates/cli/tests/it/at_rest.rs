@@ -1,0 +1,243 @@
+//! Secrets at rest: no plaintext in the database files (WAL included), ciphertexts bound to
+//! their row, a wrong key refuses to start, and keys rotate while serving.
+
+use base64::Engine;
+use latchkey_core::vault::{Actor, NewConnection};
+use serde_json::json;
+
+use crate::harness::*;
+
+fn encodings(secret: &str) -> Vec<Vec<u8>> {
+    let b = secret.as_bytes();
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    vec![
+        b.to_vec(),
+        base64::engine::general_purpose::STANDARD
+            .encode(b)
+            .into_bytes(),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(b)
+            .into_bytes(),
+        hex.clone().into_bytes(),
+        hex.to_uppercase().into_bytes(),
+        b.iter().flat_map(|c| [*c, 0]).collect(), // UTF-16LE
+    ]
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_plaintext_secret_in_the_database_files() {
+    let ts = TestServer::start().await;
+    ts.connect_demo_account().await;
+    // Canaries: an upstream client secret we choose, the demo provider's client secret, and
+    // the upstream access tokens the vault holds (read back through exchanges).
+    let canary = format!("canary-{}", uuid::Uuid::new_v4());
+    ts.vault
+        .add_connection(
+            NewConnection {
+                name: "canary".into(),
+                provider: "oauth2".into(),
+                client_id: "c".into(),
+                client_secret: Some(canary.clone().into()),
+                authorize_url: "https://idp.example/authorize".into(),
+                token_url: "https://idp.example/token".into(),
+                revoke_url: None,
+                userinfo_url: None,
+                api_base_url: None,
+                scopes: Default::default(),
+            },
+            &Actor::cli(),
+        )
+        .await
+        .unwrap();
+    let first = ts.post_form(&ts.exchange_params()).await.token().to_owned();
+    ts.clock.advance(301);
+    let refreshed = ts.post_form(&ts.exchange_params()).await.token().to_owned();
+    let demo_secret = latchkey_server::demo::demo_client_secret(&ts.vault)
+        .await
+        .unwrap();
+
+    let mut files = Vec::new();
+    for suffix in ["", "-wal", "-shm"] {
+        let path = format!("{}{suffix}", ts.db_path().display());
+        if let Ok(bytes) = std::fs::read(&path) {
+            files.push((path, bytes));
+        }
+    }
+    assert!(
+        files
+            .iter()
+            .any(|(p, b)| p.ends_with("-wal") && !b.is_empty()),
+        "the WAL is scanned too"
+    );
+    for secret in [&canary, &first, &refreshed, &demo_secret] {
+        for needle in encodings(secret) {
+            for (path, bytes) in &files {
+                assert!(
+                    !contains(bytes, &needle),
+                    "a secret is in {path} in plaintext"
+                );
+            }
+        }
+    }
+    // Sanity check of the scan itself: non-secret values are found.
+    assert!(
+        files
+            .iter()
+            .any(|(_, b)| contains(b, ts.info.user_id.as_bytes()))
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for (path, _) in &files {
+            assert_eq!(
+                std::fs::metadata(path).unwrap().permissions().mode() & 0o077,
+                0,
+                "{path} is private"
+            );
+        }
+        let kek = std::fs::metadata(ts.config.data_dir.join("kek")).unwrap();
+        assert_eq!(kek.permissions().mode() & 0o777, 0o600);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ciphertext_moved_to_another_row_does_not_open() {
+    let ts = TestServer::start().await;
+    let account = ts.connect_demo_account().await;
+    let bob = ts.vault.add_user("bob", None, &Actor::cli()).await.unwrap();
+    // Copy the demo user's account row, sealed tokens included, to bob.
+    let pool = ts.sql_pool().await;
+    sqlx::query(
+        "INSERT INTO connected_accounts SELECT 'cac_stolen', ?, connection_id, upstream_account_id, scopes, access_token, \
+         access_expires_at, refresh_token, status, created_at, updated_at, last_used_at, token_version \
+         FROM connected_accounts WHERE id = ?",
+    )
+    .bind(&bob.id)
+    .bind(&account)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let releases = ts.releases().await;
+    let params = ts.params_with(ts.subject(json!({"sub": bob.id})), ts.assertion(json!({})));
+    let resp = ts
+        .http
+        .post(ts.url("/oauth/token"))
+        .form(&params)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (500, Some("server_error")),
+        "{body}"
+    );
+    assert!(body.get("access_token").is_none());
+    assert_eq!(ts.releases().await, releases, "nothing released for bob");
+    // The rightful owner is unaffected.
+    ts.post_form(&ts.exchange_params()).await.token();
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_key_refuses_to_start_and_the_right_one_restarts() {
+    let ts = TestServer::start().await;
+    ts.connect_demo_account().await;
+    let (dir, config) = ts.stop().await;
+
+    // A different key: refused, with a message that says why and what to do.
+    let wrong = latchkey_crypto::envelope::Kek::generate()
+        .encode()
+        .to_string();
+    let bad = latchkey_server::Config {
+        kek: Some(wrong.clone()),
+        ..config.clone()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = latchkey_server::Server::with_listener(&bad, listener, Default::default())
+        .await
+        .err()
+        .expect("refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("sealed") && msg.contains("does not open this database"),
+        "{msg}"
+    );
+
+    // The CLI refuses the same way.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(["account", "list", "--data-dir"])
+        .arg(&config.data_dir)
+        .env("LATCHKEY_KEK", &wrong)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("sealed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A missing key file: refused too, never a fresh key over an existing database.
+    let kek_file = config.data_dir.join("kek");
+    let saved = std::fs::read(&kek_file).unwrap();
+    std::fs::remove_file(&kek_file).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = latchkey_server::Server::with_listener(&config, listener, Default::default())
+        .await
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("sealed"), "{err:#}");
+    std::fs::write(&kek_file, saved).unwrap();
+
+    // The right key: everything is still there.
+    let ts = TestServer::start_with(dir, config).await;
+    ts.post_form(&ts.exchange_params()).await.token();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_while_serving() {
+    let ts = TestServer::start().await;
+    ts.connect_demo_account().await;
+    let version_of = |blob: &[u8]| latchkey_crypto::envelope::blob_version(blob).unwrap();
+
+    let out = ts.cli(&["key", "rotate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let accounts = ts.vault.store().list_accounts(None).await.unwrap();
+    assert_eq!(
+        version_of(accounts[0].refresh_token.as_deref().unwrap()),
+        2,
+        "re-sealed under data key v2"
+    );
+    // The running server loads the new data key on first sight.
+    ts.post_form(&ts.exchange_params()).await.token();
+
+    let old_kek = std::fs::read(ts.config.data_dir.join("kek")).unwrap();
+    let out = ts.cli(&["key", "rotate", "--kek"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        std::fs::read(ts.config.data_dir.join("kek")).unwrap(),
+        old_kek
+    );
+    ts.post_form(&ts.exchange_params()).await.token();
+    // A restart with the new key file opens everything.
+    let (dir, config) = ts.stop().await;
+    let ts = TestServer::start_with(dir, config).await;
+    ts.post_form(&ts.exchange_params()).await.token();
+    let audit = ts.vault.store().list_audit(1000).await.unwrap();
+    assert!(audit.iter().any(|e| e.record.action == "key.rotate"));
+    assert!(audit.iter().any(|e| e.record.action == "key.rotate_kek"));
+}

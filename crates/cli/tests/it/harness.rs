@@ -1,0 +1,481 @@
+//! Spawn a demo-mode server on `127.0.0.1:0` with a fresh data directory and a movable clock,
+//! and the helpers every test uses: a cookie-keeping browser flow, signed requests, counters.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use latchkey_core::Vault;
+use latchkey_core::clock::{Clock, ManualClock};
+use latchkey_crypto::Algorithm;
+use latchkey_crypto::keygen::SigningKey;
+use latchkey_demo::DemoProvider;
+use latchkey_server::demo::DemoInfo;
+use latchkey_server::{Config, ServeOptions, Server};
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub const GRANT: &str =
+    "urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token";
+pub const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub const VAULT_TOKEN_TYPE: &str = "http://auth0.com/oauth/token-type/token-vault-access-token";
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    pub issuer: String,
+    pub ca_path: PathBuf,
+    pub http: reqwest::Client,
+    pub clock: ManualClock,
+    pub vault: Arc<Vault>,
+    pub demo: DemoProvider,
+    pub info: DemoInfo,
+    pub agent_key: SigningKey,
+    cookies: Mutex<HashMap<String, String>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A plain HTTP client trusting the server's CA, following no redirects.
+pub fn client_for(ca_pem: &[u8]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem).unwrap()])
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().join("data"),
+            listen: "127.0.0.1:0".into(),
+            ..Config::default()
+        };
+        Self::start_with(dir, config).await
+    }
+
+    pub async fn start_with(dir: tempfile::TempDir, config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let clock = ManualClock::default();
+        let server = Server::with_listener(
+            &config,
+            listener,
+            ServeOptions {
+                demo: true,
+                clock: Arc::new(clock.clone()),
+            },
+        )
+        .await
+        .expect("server starts");
+        let info = latchkey_server::demo::seed(&server.vault, &config.data_dir)
+            .await
+            .unwrap();
+        // With an operator certificate, the test still trusts the CA that issued it.
+        let ca_path = server
+            .ca_path
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("tls").join("ca.pem"));
+        let http = client_for(&std::fs::read(&ca_path).unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let (issuer, vault, demo) = (
+            server.issuer.clone(),
+            server.vault.clone(),
+            server.demo.clone().unwrap(),
+        );
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        let pem = std::fs::read_to_string(&info.agent_key).unwrap();
+        let agent_key = SigningKey::from_pem(&pem, Algorithm::RS256, None).unwrap();
+        Self {
+            dir,
+            config,
+            issuer,
+            ca_path,
+            http,
+            clock,
+            vault,
+            demo,
+            info,
+            agent_key,
+            cookies: Mutex::new(HashMap::new()),
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stop serving; hands back the data directory (for restart tests).
+    pub async fn stop(mut self) -> (tempfile::TempDir, Config) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, self.config.clone())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.issuer, path.trim_start_matches('/'))
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.config.data_dir.join("latchkey.db")
+    }
+
+    // --- a browser: cookies by hand ---------------------------------------------------------
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn keep_cookies(&self, headers: &HeaderMap) {
+        let mut jar = self.cookies.lock().unwrap();
+        for v in headers.get_all("set-cookie") {
+            let v = v.to_str().unwrap();
+            let (pair, attrs) = v.split_once(';').unwrap_or((v, ""));
+            let (name, value) = pair.split_once('=').unwrap();
+            if attrs.contains("Max-Age=0") {
+                jar.remove(name);
+            } else {
+                jar.insert(name.to_owned(), value.to_owned());
+            }
+        }
+    }
+
+    /// GET (absolute URL or path) with cookies; returns status, Location, body.
+    pub async fn browse(&self, url: &str) -> (StatusCode, Option<String>, String) {
+        let url = if url.starts_with("http") {
+            url.to_owned()
+        } else {
+            self.url(url)
+        };
+        let resp = self
+            .http
+            .get(&url)
+            .header("cookie", self.cookie_header())
+            .send()
+            .await
+            .unwrap();
+        self.finish(resp).await
+    }
+
+    pub async fn submit(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+    ) -> (StatusCode, Option<String>, String) {
+        let url = if url.starts_with("http") {
+            url.to_owned()
+        } else {
+            self.url(url)
+        };
+        let resp = self
+            .http
+            .post(&url)
+            .header("cookie", self.cookie_header())
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        self.finish(resp).await
+    }
+
+    async fn finish(&self, resp: reqwest::Response) -> (StatusCode, Option<String>, String) {
+        self.keep_cookies(resp.headers());
+        let status = resp.status();
+        let location = resp.headers().get("location").map(|l| {
+            let l = l.to_str().unwrap();
+            if l.starts_with('/') {
+                self.url(l)
+            } else {
+                l.to_owned()
+            }
+        });
+        (status, location, resp.text().await.unwrap())
+    }
+
+    /// Sign in as the demo user and connect `demo-git` through the real HTTP flow: Latchkey's
+    /// login, the provider's consent page, the callback. Returns the connected account id.
+    pub async fn connect_demo_account(&self) -> String {
+        let (status, _, page) = self.browse("/login?next=/connect/demo-git").await;
+        assert_eq!(status, 200);
+        let csrf = hidden_field(&page, "csrf");
+        let (status, location, _) = self
+            .submit(
+                "/login",
+                &[
+                    ("username", &self.info.username),
+                    ("password", &self.info.password),
+                    ("csrf", &csrf),
+                    ("next", "/connect/demo-git"),
+                ],
+            )
+            .await;
+        assert_eq!(status, 303, "login redirects");
+        let (status, location, _) = self.browse(&location.unwrap()).await;
+        assert_eq!(status, 303, "connect redirects to the provider");
+        let authorize = location.unwrap();
+        assert!(
+            authorize.starts_with(&self.url("/demo/oauth/authorize?")),
+            "{authorize}"
+        );
+        assert!(authorize.contains("code_challenge_method=S256"));
+        let (status, _, consent_page) = self.browse(&authorize).await;
+        assert_eq!(status, 200);
+        let consent = hidden_field(&consent_page, "consent");
+        let (status, location, _) = self
+            .submit(
+                "/demo/oauth/authorize",
+                &[("consent", &consent), ("decision", "approve")],
+            )
+            .await;
+        assert_eq!(status, 302, "consent redirects back");
+        let callback = location.unwrap();
+        assert!(callback.starts_with(&self.url("/connect/callback?")));
+        let (status, location, body) = self.browse(&callback).await;
+        assert_eq!(status, 303, "callback completes: {body}");
+        assert!(location.unwrap().ends_with("/account?connected=demo-git"));
+        let accounts = self
+            .vault
+            .store()
+            .list_accounts(Some(&self.info.user_id))
+            .await
+            .unwrap();
+        accounts.last().expect("an account").id.clone()
+    }
+
+    // --- an agent ---------------------------------------------------------------------------
+
+    fn signed(&self, typ: Option<&str>, base: Value, overrides: Value) -> String {
+        self.agent_key.sign(typ, &merge(base, overrides))
+    }
+
+    /// A privileged-worker subject JWT for the demo user; `overrides` replace claims (`null`
+    /// removes one).
+    pub fn subject(&self, overrides: Value) -> String {
+        let now = self.now();
+        let base = json!({
+            "iss": self.info.agent_id, "sub": self.info.user_id, "aud": self.issuer,
+            "iat": now, "exp": now + 60, "jti": uuid::Uuid::new_v4().to_string(), "audit_context": "integration test",
+        });
+        self.signed(Some("token-vault-req+jwt"), base, overrides)
+    }
+
+    pub fn assertion(&self, overrides: Value) -> String {
+        let now = self.now();
+        let id = &self.info.agent_id;
+        let base = json!({"iss": id, "sub": id, "aud": self.issuer, "iat": now, "exp": now + 60, "jti": uuid::Uuid::new_v4().to_string()});
+        self.signed(None, base, overrides)
+    }
+
+    /// A complete, valid exchange request authenticated by `private_key_jwt`.
+    pub fn exchange_params(&self) -> Vec<(String, String)> {
+        self.params_with(self.subject(json!({})), self.assertion(json!({})))
+    }
+
+    pub fn params_with(&self, subject: String, assertion: String) -> Vec<(String, String)> {
+        [
+            ("grant_type", GRANT.to_owned()),
+            ("client_id", self.info.agent_id.clone()),
+            ("client_assertion_type", JWT_BEARER.to_owned()),
+            ("client_assertion", assertion),
+            ("subject_token_type", JWT_TYPE.to_owned()),
+            ("subject_token", subject),
+            ("requested_token_type", VAULT_TOKEN_TYPE.to_owned()),
+            ("connection", "demo-git".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    pub async fn post_form(&self, params: &[(String, String)]) -> Answer {
+        let resp = self
+            .http
+            .post(self.url("/oauth/token"))
+            .form(params)
+            .send()
+            .await
+            .unwrap();
+        Answer::read(resp).await
+    }
+
+    pub async fn post_raw(&self, content_type: &str, body: Vec<u8>) -> Answer {
+        let resp = self
+            .http
+            .post(self.url("/oauth/token"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        Answer::read(resp).await
+    }
+
+    pub async fn post_json(&self, body: &Value) -> Answer {
+        self.post_raw("application/json", serde_json::to_vec(body).unwrap())
+            .await
+    }
+
+    /// Token releases recorded in the audit trail.
+    pub async fn releases(&self) -> usize {
+        self.vault
+            .store()
+            .list_audit(100_000)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.record.action == "token.release")
+            .count()
+    }
+
+    pub async fn sql_pool(&self) -> sqlx::SqlitePool {
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", self.db_path().display()))
+            .await
+            .unwrap()
+    }
+
+    pub async fn used_jtis(&self) -> i64 {
+        let pool = self.sql_pool().await;
+        let n: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM used_jtis")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        n.0
+    }
+
+    /// Run the `latchkey` binary on this server's data directory.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.config.data_dir)
+            .env("LATCHKEY_PUBLIC_URL", &self.issuer)
+            .env_remove("LATCHKEY_KEK")
+            .output()
+            .unwrap()
+    }
+
+    /// Call the demo provider's API with an upstream token.
+    pub async fn demo_api(&self, token: &str, path: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .get(self.url(&format!("/demo/api/{path}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// A token-endpoint answer with the checks every answer must pass.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    pub async fn read(resp: reqwest::Response) -> Self {
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let body =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+        assert!(
+            status.as_u16() < 500 || status == 503,
+            "no 5xx for client input: {status} {text}"
+        );
+        assert_eq!(
+            headers.get("content-type").unwrap(),
+            "application/json",
+            "exact content type"
+        );
+        assert!(
+            headers.get("www-authenticate").is_none(),
+            "no WWW-Authenticate on /oauth/token"
+        );
+        assert_eq!(headers.get("cache-control").unwrap(), "no-store");
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn token(&self) -> &str {
+        assert_eq!(self.status, 200, "{:?}", self.body);
+        self.body["access_token"].as_str().unwrap()
+    }
+
+    /// Assert an error answer: status and code, and that no token came with it.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            (self.status.as_u16(), self.body["error"].as_str()),
+            (status, Some(code)),
+            "{:?}",
+            self.body
+        );
+        assert!(self.body.get("access_token").is_none());
+        assert!(
+            self.body["error_description"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty())
+        );
+    }
+}
+
+pub fn merge(mut base: Value, overrides: Value) -> Value {
+    if let (Some(b), Value::Object(o)) = (base.as_object_mut(), overrides) {
+        for (k, v) in o {
+            if v.is_null() {
+                b.remove(&k);
+            } else {
+                b.insert(k, v);
+            }
+        }
+    }
+    base
+}
+
+pub fn hidden_field(html: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no field {name} in {html}"))
+        + marker.len();
+    html[start..].split('"').next().unwrap().to_owned()
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}

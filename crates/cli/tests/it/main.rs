@@ -1,0 +1,12 @@
+//! Latchkey end to end: a real server on port 0, over HTTPS with its generated CA, driven
+//! through real HTTP clients (and Auth0's own Python SDK, and Node). One test binary.
+
+mod harness;
+
+mod at_rest;
+mod audit;
+mod bad_input;
+mod interop;
+mod ops;
+mod refresh;
+mod walkthrough;

@@ -1,0 +1,108 @@
+//! Upstream refresh: single flight per connected account.
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_exchanges_one_refresh() {
+    let ts = std::sync::Arc::new(TestServer::start().await);
+    ts.connect_demo_account().await;
+    let old = ts.post_form(&ts.exchange_params()).await.token().to_owned();
+    let before = ts.demo.stats();
+    assert_eq!(before.refresh_grants, 0);
+
+    // The demo provider's access tokens live 300 s: move past their expiry.
+    ts.clock.advance(301);
+    assert_eq!(
+        ts.demo_api(&old, "user").await.0,
+        401,
+        "the old upstream token has expired"
+    );
+
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let ts = ts.clone();
+        let params = ts.exchange_params();
+        tasks.push(tokio::spawn(async move { ts.post_form(&params).await }));
+    }
+    let mut tokens = std::collections::HashSet::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        tokens.insert(a.token().to_owned());
+        assert!(
+            a.body["expires_in"].as_i64().unwrap() > 250,
+            "a fresh token: {:?}",
+            a.body
+        );
+    }
+    assert_eq!(
+        ts.demo.stats().refresh_grants,
+        1,
+        "exactly one upstream refresh"
+    );
+    assert_eq!(tokens.len(), 1, "all 50 got the refreshed token");
+    let fresh = tokens.into_iter().next().unwrap();
+    assert_ne!(fresh, old);
+    assert_eq!(ts.demo_api(&fresh, "user").await.0, 200);
+
+    // The rotated refresh token was stored: a later expiry refreshes again, successfully.
+    ts.clock.advance(301);
+    let a = ts.post_form(&ts.exchange_params()).await;
+    assert_eq!(ts.demo_api(a.token(), "repos").await.0, 200);
+    assert_eq!(ts.demo.stats().refresh_grants, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_refresh_token_asks_the_user_to_reconnect() {
+    let ts = TestServer::start().await;
+    let account = ts.connect_demo_account().await;
+    // Kill the token family at the provider behind the vault's back.
+    let stored = ts
+        .vault
+        .store()
+        .account_by_id(&account)
+        .await
+        .unwrap()
+        .unwrap();
+    let refresh = ts
+        .vault
+        .keys
+        .open_string(
+            latchkey_core::vault::account_slot(&account, "refresh_token"),
+            stored.refresh_token.as_deref().unwrap(),
+        )
+        .await
+        .unwrap();
+    let resp = ts
+        .http
+        .post(ts.url("/demo/oauth/revoke"))
+        .basic_auth(
+            latchkey_server::demo::DEMO_CLIENT_ID,
+            Some(
+                latchkey_server::demo::demo_client_secret(&ts.vault)
+                    .await
+                    .unwrap(),
+            ),
+        )
+        .form(&[
+            ("token", secrecy::ExposeSecret::expose_secret(&refresh)),
+            ("token_type_hint", "refresh_token"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    ts.clock.advance(301);
+    let a = ts.post_form(&ts.exchange_params()).await;
+    a.assert_error(401, "federated_connection_refresh_token_not_found");
+    let stored = ts
+        .vault
+        .store()
+        .account_by_id(&account)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.status.as_str(), "needs_reauth");
+    // Reconnecting brings it back.
+    ts.connect_demo_account().await;
+    ts.post_form(&ts.exchange_params()).await.token();
+}

@@ -1,0 +1,212 @@
+//! The README walkthrough as a test: connect through the browser flow, exchange as the agent,
+//! call the demo API, revoke with the CLI, and see the next exchange fail.
+
+use crate::harness::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_exchange_call_revoke() {
+    let ts = TestServer::start().await;
+
+    // Before connecting, the exchange says what to do, with the connect URL.
+    let a = ts.post_form(&ts.exchange_params()).await;
+    a.assert_error(401, "federated_connection_refresh_token_not_found");
+    assert_eq!(a.body["connect_uri"], json!(ts.url("/connect/demo-git")));
+
+    let account = ts.connect_demo_account().await;
+
+    // Exchange as the agent (private_key_jwt + privileged-worker subject JWT).
+    let a = ts.post_form(&ts.exchange_params()).await;
+    let token = a.token().to_owned();
+    assert_eq!(a.body["token_type"], "Bearer");
+    assert_eq!(a.body["issued_token_type"], VAULT_TOKEN_TYPE);
+    assert_eq!(
+        a.body["scope"], "issues:write read:user repo:read",
+        "the grant, within the consent"
+    );
+    let expires_in = a.body["expires_in"].as_i64().unwrap();
+    assert!(
+        (290..=300).contains(&expires_in),
+        "the upstream token's remaining life: {expires_in}"
+    );
+
+    // The upstream token works at the provider's API.
+    let (status, user) = ts.demo_api(&token, "user").await;
+    assert_eq!(
+        (status.as_u16(), user["login"].as_str()),
+        (200, Some("octo-demo"))
+    );
+
+    // Narrowing: only what the agent asks for, within its grant.
+    let mut params = ts.exchange_params();
+    params.push(("scope".into(), "repo:read".into()));
+    assert_eq!(ts.post_form(&params).await.body["scope"], "repo:read");
+
+    // The release is on the audit trail, with who, for whom, what and why — and no token.
+    let audit = ts.vault.store().list_audit(10).await.unwrap();
+    let release = audit
+        .iter()
+        .find(|e| e.record.action == "token.release")
+        .unwrap();
+    assert_eq!(release.record.actor_id, ts.info.agent_id);
+    assert_eq!(
+        release.record.subject_user.as_deref(),
+        Some(ts.info.user_id.as_str())
+    );
+    assert_eq!(
+        release.record.audit_context.as_deref(),
+        Some("integration test")
+    );
+    assert_eq!(release.record.auth_method, "private_key_jwt");
+    assert!(
+        !format!("{:?}", audit).contains(&token),
+        "the audit trail never holds a token"
+    );
+
+    // The walkthrough's one command: `latchkey token` prints the upstream token.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args([
+            "token",
+            "--issuer",
+            &ts.issuer,
+            "--client-id",
+            &ts.info.agent_id,
+            "--user",
+            &ts.info.user_id,
+        ])
+        .args(["--connection", "demo-git", "--ca-cert"])
+        .arg(&ts.ca_path)
+        .arg("--key")
+        .arg(&ts.info.agent_key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli_token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(ts.demo_api(&cli_token, "repos").await.0, 200);
+
+    // `account list` shows it; `account revoke` takes effect on the very next exchange.
+    let list = ts.cli(&["account", "list", "--json"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&account));
+    let revocations_before = ts.demo.stats().revocations;
+    let out = ts.cli(&["account", "revoke", &account]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("revoked its refresh token"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        ts.demo.stats().revocations,
+        revocations_before + 1,
+        "the provider was asked to revoke"
+    );
+
+    let releases = ts.releases().await;
+    let a = ts.post_form(&ts.exchange_params()).await;
+    a.assert_error(401, "federated_connection_refresh_token_not_found");
+    assert_eq!(ts.releases().await, releases);
+    // The provider revoked the whole token family: the earlier token is dead upstream too.
+    assert_eq!(ts.demo_api(&token, "user").await.0, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_secret_json_body_and_basic() {
+    let ts = TestServer::start().await;
+    ts.connect_demo_account().await;
+    let key =
+        latchkey_crypto::jws::PublicKey::parse(&ts.agent_key.public.to_jwk_json(), None, None)
+            .unwrap();
+    let (agent, secret) = ts
+        .vault
+        .add_agent(
+            "secret-agent",
+            &[key],
+            true,
+            &latchkey_core::vault::Actor::cli(),
+        )
+        .await
+        .unwrap();
+    let secret = secrecy::ExposeSecret::expose_secret(&secret.unwrap()).to_owned();
+    ts.vault
+        .grant(
+            &agent.id,
+            "demo-git",
+            latchkey_core::scope::Scopes::parse("repo:read"),
+            vec![],
+            &latchkey_core::vault::Actor::cli(),
+        )
+        .await
+        .unwrap();
+    let subject = |ts: &TestServer| ts.subject(json!({"iss": agent.id}));
+
+    // JSON body, secret in the body (Auth0's Python SDK and @auth0/ai shape).
+    let a = ts
+        .post_json(&json!({
+            "grant_type": GRANT, "client_id": agent.id, "client_secret": secret,
+            "subject_token_type": JWT_TYPE, "subject_token": subject(&ts),
+            "requested_token_type": VAULT_TOKEN_TYPE, "connection": "demo-git",
+        }))
+        .await;
+    assert_eq!(a.body["scope"], "repo:read");
+    a.token();
+
+    // Secret without client_id (the Node SDK's tokenForConnection shape).
+    let a = ts
+        .post_json(&json!({
+            "grant_type": GRANT, "client_secret": secret,
+            "subject_token_type": JWT_TYPE, "subject_token": subject(&ts),
+            "requested_token_type": VAULT_TOKEN_TYPE, "connection": "demo-git",
+        }))
+        .await;
+    a.token();
+
+    // HTTP Basic with client_id also in the form (Auth0's server-python shape).
+    let resp = ts
+        .http
+        .post(ts.url("/oauth/token"))
+        .basic_auth(&agent.id, Some(&secret))
+        .form(&[
+            ("grant_type", GRANT),
+            ("client_id", &agent.id),
+            ("subject_token_type", JWT_TYPE),
+            ("subject_token", &subject(&ts)),
+            (
+                "requested_token_type",
+                "http://auth0.com/oauth/token-type/federated-connection-access-token",
+            ),
+            ("connection", "demo-git"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let a = Answer::read(resp).await;
+    a.token();
+    assert_eq!(
+        a.body["issued_token_type"],
+        "http://auth0.com/oauth/token-type/federated-connection-access-token"
+    );
+
+    // A wrong secret is invalid_client; so is a right secret with another client's id.
+    let mut bad = json!({
+        "grant_type": GRANT, "client_id": agent.id, "client_secret": "wrong",
+        "subject_token_type": JWT_TYPE, "subject_token": subject(&ts),
+        "requested_token_type": VAULT_TOKEN_TYPE, "connection": "demo-git",
+    });
+    ts.post_json(&bad).await.assert_error(401, "invalid_client");
+    bad["client_secret"] = json!(secret);
+    bad["client_id"] = json!(ts.info.agent_id);
+    ts.post_json(&bad).await.assert_error(401, "invalid_client");
+}

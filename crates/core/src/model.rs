@@ -1,0 +1,142 @@
+//! The registry: users, connections, connected accounts, agents, their keys and grants, and
+//! the audit record. Sealed fields hold envelope ciphertexts (see `latchkey_crypto::envelope`),
+//! never plaintext.
+
+use crate::scope::Scopes;
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: String,
+    pub username: String,
+    /// Argon2id PHC string; `None` for a user who cannot log in with a password.
+    pub password_hash: Option<String>,
+    pub created_at: i64,
+}
+
+/// An upstream provider configuration ("github", "demo-git", …).
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub id: String,
+    pub name: String,
+    /// Catalog entry: `demo` or `oauth2` (generic endpoints below).
+    pub provider: String,
+    pub client_id: String,
+    /// Sealed upstream client secret.
+    pub client_secret: Option<Vec<u8>>,
+    pub authorize_url: String,
+    pub token_url: String,
+    pub revoke_url: Option<String>,
+    pub userinfo_url: Option<String>,
+    pub api_base_url: Option<String>,
+    /// Scopes requested when a user connects.
+    pub scopes: Scopes,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccountStatus {
+    Active,
+    /// The provider refused the refresh token; the user must reconnect.
+    NeedsReauth,
+    Revoked,
+}
+
+impl AccountStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::NeedsReauth => "needs_reauth",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "active" => Self::Active,
+            "needs_reauth" => Self::NeedsReauth,
+            _ => Self::Revoked,
+        }
+    }
+}
+
+/// A user's account at a provider, with its sealed tokens.
+#[derive(Clone, Debug)]
+pub struct ConnectedAccount {
+    pub id: String,
+    pub user_id: String,
+    pub connection_id: String,
+    /// The account's id at the provider (`login_hint` matches it).
+    pub upstream_account_id: Option<String>,
+    /// Scopes the user consented to at the provider.
+    pub scopes: Scopes,
+    pub access_token: Option<Vec<u8>>,
+    pub access_expires_at: Option<i64>,
+    pub refresh_token: Option<Vec<u8>>,
+    pub status: AccountStatus,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_used_at: Option<i64>,
+    /// Bumped on every token change; a conditional update on it fences concurrent writers.
+    pub token_version: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Agent {
+    pub id: String,
+    pub name: String,
+    /// HMAC-SHA-256 of the client secret under the server pepper; `None` if key-only.
+    pub secret_hash: Option<String>,
+    pub disabled: bool,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentKey {
+    pub agent_id: String,
+    pub kid: String,
+    pub alg: String,
+    /// Normalised public JWK.
+    pub jwk: String,
+    pub created_at: i64,
+}
+
+/// What an agent may obtain for a connection.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    pub agent_id: String,
+    pub connection_id: String,
+    pub scopes: Scopes,
+    /// CIDR blocks or addresses; empty means any address.
+    pub ip_allowlist: Vec<String>,
+    pub created_at: i64,
+}
+
+/// One audit entry. Never holds a secret: tokens appear only as hashes.
+#[derive(Clone, Debug, Default)]
+pub struct AuditRecord {
+    pub at: i64,
+    /// `agent`, `user` or `operator`.
+    pub actor_type: String,
+    pub actor_id: String,
+    /// How the actor authenticated: `private_key_jwt`, `client_secret_basic`, `cli`, …
+    pub auth_method: String,
+    pub subject_user: Option<String>,
+    /// e.g. `token.release`, `account.connect`, `account.revoke`, `agent.create`.
+    pub action: String,
+    pub connection: Option<String>,
+    pub account_id: Option<String>,
+    pub scopes: Option<String>,
+    /// `allow` or `deny`.
+    pub decision: String,
+    pub reason: Option<String>,
+    pub audit_context: Option<String>,
+    pub request_id: Option<String>,
+    pub client_ip: Option<String>,
+}
+
+/// A stored audit entry.
+#[derive(Clone, Debug)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub record: AuditRecord,
+}

@@ -1,0 +1,175 @@
+//! Persistence, as the domain needs it. Each method that must be atomic is one call, so a
+//! backend implements it as one transaction (SQLite `BEGIN IMMEDIATE`, PostgreSQL row locks).
+
+use async_trait::async_trait;
+
+use crate::model::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("already exists: {0}")]
+    Conflict(String),
+    /// The database failed; detail for the log only.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A data key wrapped by the KEK.
+#[derive(Clone, Debug)]
+pub struct DataKeyRow {
+    pub version: u32,
+    pub kek_id: String,
+    pub wrapped: Vec<u8>,
+    pub created_at: i64,
+}
+
+/// A sealed value and where it lives, for re-encryption during key rotation.
+#[derive(Clone, Debug)]
+pub struct SealedField {
+    pub table: &'static str,
+    pub field: &'static str,
+    pub row: String,
+    pub blob: Vec<u8>,
+}
+
+/// A single-use identifier (`jti`) being consumed.
+#[derive(Clone, Debug)]
+pub struct JtiUse {
+    /// Namespaced key, e.g. `assertion:agt_x:abc`.
+    pub key: String,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// `jtis[index]` was already used.
+    #[error("jti already used")]
+    Replay(usize),
+    /// The account stopped being active (revoked, needs reauth) before the release committed.
+    #[error("account is no longer active")]
+    AccountInactive,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A pending connect request (authorization code + PKCE towards the provider).
+#[derive(Clone, Debug)]
+pub struct ConnectFlow {
+    pub state_hash: String,
+    pub user_id: String,
+    pub connection_id: String,
+    /// Sealed PKCE verifier.
+    pub code_verifier: Vec<u8>,
+    pub redirect_uri: String,
+    pub expires_at: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // Keys and server secrets.
+    async fn data_keys(&self) -> StoreResult<Vec<DataKeyRow>>;
+    async fn insert_data_key(&self, row: &DataKeyRow, audit: &AuditRecord) -> StoreResult<()>;
+    /// Replace the wrapping of every data key at once (KEK rotation).
+    async fn rewrap_data_keys(&self, rows: &[DataKeyRow], audit: &AuditRecord) -> StoreResult<()>;
+    async fn server_secret(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Insert unless present; returns the stored value either way.
+    async fn init_server_secret(&self, name: &str, sealed: &[u8]) -> StoreResult<Vec<u8>>;
+    async fn sealed_fields(&self) -> StoreResult<Vec<SealedField>>;
+    /// Replace blobs only where they still equal the ones read (concurrent writers win).
+    async fn reseal_fields(&self, old_and_new: &[(SealedField, Vec<u8>)]) -> StoreResult<usize>;
+
+    // Users.
+    async fn insert_user(&self, user: &User, audit: &AuditRecord) -> StoreResult<()>;
+    async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>>;
+    async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>>;
+    async fn set_password(&self, user_id: &str, hash: &str, audit: &AuditRecord)
+    -> StoreResult<()>;
+    async fn list_users(&self) -> StoreResult<Vec<User>>;
+
+    // Connections.
+    async fn insert_connection(&self, c: &Connection, audit: &AuditRecord) -> StoreResult<()>;
+    async fn connection_by_name(&self, name: &str) -> StoreResult<Option<Connection>>;
+    async fn connection_by_id(&self, id: &str) -> StoreResult<Option<Connection>>;
+    async fn list_connections(&self) -> StoreResult<Vec<Connection>>;
+
+    // Connected accounts.
+    /// Insert, or replace the tokens/scopes/status of the account with the same
+    /// (user, connection, upstream account); returns the stored account id.
+    async fn upsert_account(
+        &self,
+        a: &ConnectedAccount,
+        audit: &AuditRecord,
+    ) -> StoreResult<String>;
+    async fn account_by_id(&self, id: &str) -> StoreResult<Option<ConnectedAccount>>;
+    /// The user's accounts for a connection, newest first.
+    async fn accounts_for(
+        &self,
+        user_id: &str,
+        connection_id: &str,
+    ) -> StoreResult<Vec<ConnectedAccount>>;
+    async fn list_accounts(&self, user_id: Option<&str>) -> StoreResult<Vec<ConnectedAccount>>;
+    /// Store refreshed tokens iff `token_version` still equals `expected_version`.
+    async fn update_account_tokens(
+        &self,
+        a: &ConnectedAccount,
+        expected_version: i64,
+    ) -> StoreResult<bool>;
+    /// Set a status iff `token_version` still equals `expected_version`.
+    async fn set_account_status(
+        &self,
+        id: &str,
+        status: AccountStatus,
+        expected_version: i64,
+        audit: &AuditRecord,
+    ) -> StoreResult<bool>;
+    /// Mark revoked and erase its tokens. Returns false if it did not exist.
+    async fn revoke_account(&self, id: &str, audit: &AuditRecord) -> StoreResult<bool>;
+
+    // Agents.
+    async fn insert_agent(
+        &self,
+        agent: &Agent,
+        keys: &[AgentKey],
+        audit: &AuditRecord,
+    ) -> StoreResult<()>;
+    async fn agent_by_id(&self, id: &str) -> StoreResult<Option<Agent>>;
+    async fn agent_by_secret_hash(&self, hash: &str) -> StoreResult<Option<Agent>>;
+    async fn agent_keys(&self, agent_id: &str) -> StoreResult<Vec<AgentKey>>;
+    async fn list_agents(&self) -> StoreResult<Vec<Agent>>;
+    async fn upsert_grant(&self, grant: &Grant, audit: &AuditRecord) -> StoreResult<()>;
+    async fn grant_for(&self, agent_id: &str, connection_id: &str) -> StoreResult<Option<Grant>>;
+
+    /// The release of a token, in one transaction: consume every `jti` (a unique insert; a
+    /// duplicate is [`ReleaseError::Replay`]), check the account is still active and stamp its
+    /// last use, and append the audit record. Nothing is written unless all of it is.
+    async fn commit_release(
+        &self,
+        jtis: &[JtiUse],
+        account_id: &str,
+        audit: &AuditRecord,
+    ) -> Result<(), ReleaseError>;
+    async fn purge_expired_jtis(&self, now: i64) -> StoreResult<u64>;
+
+    // Browser sessions and connect flows (opaque values stored only as hashes).
+    async fn insert_session(&self, hash: &str, user_id: &str, expires_at: i64) -> StoreResult<()>;
+    async fn session_user(&self, hash: &str, now: i64) -> StoreResult<Option<String>>;
+    async fn delete_session(&self, hash: &str) -> StoreResult<()>;
+    async fn insert_connect_flow(&self, flow: &ConnectFlow) -> StoreResult<()>;
+    /// Remove and return the flow (single use); `None` if unknown or expired.
+    async fn take_connect_flow(
+        &self,
+        state_hash: &str,
+        now: i64,
+    ) -> StoreResult<Option<ConnectFlow>>;
+
+    // Audit.
+    async fn append_audit(&self, audit: &AuditRecord) -> StoreResult<()>;
+    async fn list_audit(&self, limit: i64) -> StoreResult<Vec<AuditEntry>>;
+
+    /// Cheap liveness check of the database.
+    async fn ping(&self) -> StoreResult<()>;
+}

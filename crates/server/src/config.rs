@@ -1,0 +1,120 @@
+//! Configuration: defaults → `latchkey.toml` → `LATCHKEY_*` environment (secrets also as
+//! `LATCHKEY_*_FILE`) → command-line flags. Unknown keys are an error, so typos are caught.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment_file_provider_adapter::FileAdapter;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    /// Where the database, keys and certificates live.
+    pub data_dir: PathBuf,
+    /// Serve plain HTTP (behind a TLS-terminating proxy). Requires `public_url`, unless local.
+    pub http: bool,
+    /// The public base URL, used as the issuer (`https://vault.example.com/`). Defaults to
+    /// `https://{listen}/`.
+    pub public_url: Option<String>,
+    /// Operator-supplied certificate chain and key (PEM). Without them a local CA and a server
+    /// certificate are generated into `{data_dir}/tls/`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The key-encryption key (base64 of 32 bytes). Default: the file `{data_dir}/kek`, created
+    /// on first start. Prefer `LATCHKEY_KEK_FILE` to passing the key itself.
+    pub kek: Option<String>,
+    /// Defaults to `sqlite:{data_dir}/latchkey.db`.
+    pub database_url: Option<String>,
+    /// Log filter (`info`, `latchkey=debug`, …).
+    pub log: String,
+    /// Deadline for every call to an upstream provider, in seconds.
+    pub upstream_timeout_secs: u64,
+    /// Lifetime of access tokens the built-in demo provider issues, in seconds.
+    pub demo_access_token_ttl: i64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8750".into(),
+            data_dir: PathBuf::from("./latchkey-data"),
+            http: false,
+            public_url: None,
+            tls_cert: None,
+            tls_key: None,
+            kek: None,
+            database_url: None,
+            log: "info".into(),
+            upstream_timeout_secs: 10,
+            demo_access_token_ttl: 300,
+        }
+    }
+}
+
+impl Config {
+    /// Load from `file` (default `latchkey.toml`, skipped if absent) and the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
+        let path = file
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("latchkey.toml"));
+        if file.is_some() && !path.exists() {
+            return Err(Box::new(figment::Error::from(format!(
+                "config file {} does not exist",
+                path.display()
+            ))));
+        }
+        Figment::new()
+            .merge(Serialized::defaults(Config::default()))
+            .merge(FileAdapter::wrap(Toml::file(&path)).only(&["kek"]))
+            .merge(FileAdapter::wrap(Env::prefixed("LATCHKEY_")).only(&["kek"]))
+            .extract()
+            .map_err(Box::new)
+    }
+
+    /// The SQLite file, when the database is SQLite.
+    pub fn sqlite_path(&self) -> Result<PathBuf, String> {
+        match &self.database_url {
+            None => Ok(self.data_dir.join("latchkey.db")),
+            Some(url) => url
+                .strip_prefix("sqlite://")
+                .or_else(|| url.strip_prefix("sqlite:"))
+                .map(PathBuf::from)
+                .ok_or_else(|| {
+                    format!("unsupported database_url `{url}` (this build supports sqlite:PATH)")
+                }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API
+    fn layering_and_file_secrets() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "latchkey.toml",
+                "listen = \"127.0.0.1:9000\"\nlog = \"debug\"",
+            )?;
+            jail.create_file("kek.txt", "c2VjcmV0")?;
+            jail.set_env("LATCHKEY_LOG", "warn");
+            jail.set_env("LATCHKEY_KEK_FILE", "kek.txt");
+            let c = Config::load(None).map_err(|e| *e)?;
+            assert_eq!(c.listen, "127.0.0.1:9000");
+            assert_eq!(c.log, "warn", "environment beats the file");
+            assert_eq!(c.kek.as_deref(), Some("c2VjcmV0"));
+            jail.create_file("bad.toml", "lsiten = \"x\"")?;
+            assert!(
+                Config::load(Some(Path::new("bad.toml"))).is_err(),
+                "unknown keys are refused"
+            );
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,238 @@
+//! `POST /oauth/token`: decode the body (form or JSON, same rules for both) and the Basic
+//! header, call `Vault::token`, answer RFC 6749 JSON.
+
+use std::fmt;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use base64::Engine;
+use latchkey_core::OAuthError;
+use latchkey_core::params::Params;
+use latchkey_core::vault::{BasicCredentials, RequestContext};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+
+use super::errors::{json_response, oauth_error};
+use super::{AppState, RequestMeta};
+
+/// Largest token request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+pub async fn token(
+    State(state): State<AppState>,
+    Extension(meta): Extension<RequestMeta>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let bytes = axum::body::to_bytes(body, MAX_BODY)
+            .await
+            .map_err(|_| OAuthError {
+                status: 413,
+                ..OAuthError::invalid_request(format!("request body exceeds {MAX_BODY} bytes"))
+            })?;
+        let params = parse_body(&headers, &bytes)?;
+        let basic = basic_credentials(&headers)?;
+        let ctx = RequestContext {
+            request_id: Some(meta.request_id.clone()),
+            client_ip: meta.client_ip,
+        };
+        state.vault.token(&params, basic, &ctx).await
+    }
+    .await;
+    metrics::histogram!("latchkey_exchange_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(t) => json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "access_token": t.access_token.expose_secret(),
+                "expires_in": t.expires_in,
+                "scope": t.scope,
+                "issued_token_type": t.issued_token_type,
+                "token_type": "Bearer",
+            }),
+            None,
+        ),
+        Err(e) => oauth_error(&e),
+    }
+}
+
+fn parse_body(headers: &HeaderMap, bytes: &[u8]) -> Result<Params, OAuthError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    match content_type.as_str() {
+        "application/x-www-form-urlencoded" => {
+            std::str::from_utf8(bytes)
+                .map_err(|_| OAuthError::invalid_request("the body is not valid UTF-8"))?;
+            Params::from_pairs(
+                form_urlencoded::parse(bytes).map(|(k, v)| (k.into_owned(), v.into_owned())),
+            )
+        }
+        "application/json" => {
+            let pairs: JsonPairs = serde_json::from_slice(bytes).map_err(|_| {
+                OAuthError::invalid_request("the body is not a JSON object of string parameters")
+            })?;
+            Params::from_pairs(pairs.0)
+        }
+        _ => Err(OAuthError::invalid_request(
+            "unsupported Content-Type: send application/x-www-form-urlencoded or application/json",
+        )),
+    }
+}
+
+/// A JSON object read as a list of pairs, so a repeated member is seen (serde_json's maps
+/// would silently keep the last). `null` means absent; numbers and booleans become strings.
+struct JsonPairs(Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for JsonPairs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = JsonPairs;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonPairs, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                    let v = match v {
+                        serde_json::Value::Null => continue,
+                        serde_json::Value::String(s) => s,
+                        serde_json::Value::Number(n) => n.to_string(),
+                        serde_json::Value::Bool(b) => b.to_string(),
+                        _ => {
+                            return Err(serde::de::Error::custom(
+                                "parameter values must be strings",
+                            ));
+                        }
+                    };
+                    out.push((k, v));
+                    if out.len() > latchkey_core::params::MAX_PARAMS {
+                        return Err(serde::de::Error::custom("too many parameters"));
+                    }
+                }
+                Ok(JsonPairs(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// `Authorization: Basic` client credentials (RFC 6749 §2.3.1: form-encoded, then base64).
+/// Other schemes are ignored here (e.g. a `DPoP`-bound client sending other headers).
+fn basic_credentials(headers: &HeaderMap) -> Result<Option<BasicCredentials>, OAuthError> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let bad = || OAuthError::invalid_client("malformed HTTP Basic credentials");
+    if values.next().is_some() {
+        return Err(OAuthError::invalid_request(
+            "more than one Authorization header",
+        ));
+    }
+    let value = value.to_str().map_err(|_| bad())?;
+    let Some((scheme, rest)) = value.split_once(' ') else {
+        return Ok(None);
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Ok(None);
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let (id, secret) = text.split_once(':').ok_or_else(bad)?;
+    let decode = |s: &str| -> String {
+        form_urlencoded::parse(format!("v={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    let (id, secret) = (decode(id), decode(secret));
+    if id.is_empty() || secret.is_empty() {
+        return Err(bad());
+    }
+    Ok(Some(BasicCredentials {
+        client_id: id,
+        client_secret: SecretString::from(secret),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(ct: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+        h
+    }
+
+    #[test]
+    fn bodies() {
+        let form = parse_body(
+            &headers("application/x-www-form-urlencoded;charset=UTF-8"),
+            b"a=1&b=x%20y",
+        )
+        .unwrap();
+        assert_eq!((form.get("a"), form.get("b")), (Some("1"), Some("x y")));
+        assert!(parse_body(&headers("application/x-www-form-urlencoded"), b"a=1&a=2").is_err());
+        let json =
+            parse_body(&headers("application/json"), br#"{"a":"1","c":null,"n":5}"#).unwrap();
+        assert_eq!(
+            (json.get("a"), json.get("c"), json.get("n")),
+            (Some("1"), None, Some("5"))
+        );
+        for bad in [
+            &br#"{"a":"1","a":"2"}"#[..],
+            br#"[1]"#,
+            br#"{"a":{"x":1}}"#,
+            b"\xff",
+            b"{",
+        ] {
+            assert_eq!(
+                parse_body(&headers("application/json"), bad)
+                    .unwrap_err()
+                    .code,
+                "invalid_request"
+            );
+        }
+        assert!(parse_body(&headers("text/plain"), b"a=1").is_err());
+        assert!(parse_body(&HeaderMap::new(), b"a=1").is_err());
+    }
+
+    #[test]
+    fn basic() {
+        let mut h = HeaderMap::new();
+        let enc = base64::engine::general_purpose::STANDARD.encode("agt%3Ax:s%2Bcret");
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {enc}")).unwrap(),
+        );
+        let c = basic_credentials(&h).unwrap().unwrap();
+        assert_eq!(
+            (c.client_id.as_str(), c.client_secret.expose_secret()),
+            ("agt:x", "s+cret")
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
+        assert_eq!(basic_credentials(&h).err().unwrap().code, "invalid_client");
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        assert!(basic_credentials(&h).unwrap().is_none());
+    }
+}

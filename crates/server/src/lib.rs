@@ -1,0 +1,217 @@
+//! The Latchkey server: configuration, TLS, storage and key loading, and the HTTP surface.
+//!
+//! - [`config`] — layered configuration;
+//! - [`tls`] — the local CA or operator certificates;
+//! - [`demo`] — seeding the demo user, connection and agent for `latchkey demo`;
+//! - `http` — the axum router: thin handlers over [`latchkey_core::Vault`], one error-to-HTTP
+//!   module, metrics and security headers.
+//!
+//! [`Server::bind`] / [`Server::with_listener`] prepare everything (a wrong key refuses here,
+//! before anything listens for requests); [`Server::run`] serves until the future it is given
+//! completes.
+
+pub mod config;
+pub mod demo;
+mod http;
+pub mod kek;
+mod signing;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use latchkey_core::clock::Clock;
+use latchkey_core::{Vault, VaultConfig};
+use latchkey_demo::{DemoConfig, DemoProvider};
+use latchkey_store::SqliteStore;
+use latchkey_upstream::{HttpUpstream, UpstreamOptions};
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Options that are not configuration: how this process runs.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Mount the built-in demo provider under `/demo`.
+    pub demo: bool,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            demo: false,
+            clock: Arc::new(latchkey_core::clock::SystemClock),
+        }
+    }
+}
+
+/// A prepared server: unsealed vault, TLS, router, bound listener.
+pub struct Server {
+    pub vault: Arc<Vault>,
+    pub issuer: String,
+    /// The local CA certificate to trust, when Latchkey generated it.
+    pub ca_path: Option<PathBuf>,
+    pub demo: Option<DemoProvider>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: axum::Router,
+}
+
+/// The issuer for a server listening on `addr`.
+pub fn issuer_for(config: &Config, addr: SocketAddr) -> String {
+    match &config.public_url {
+        Some(u) if u.ends_with('/') => u.clone(),
+        Some(u) => format!("{u}/"),
+        None => {
+            let scheme = if config.http { "http" } else { "https" };
+            format!("{scheme}://{addr}/")
+        }
+    }
+}
+
+/// Open the store and unseal the vault (shared by the server and the CLI's admin commands).
+pub async fn open_vault(
+    config: &Config,
+    issuer: &str,
+    clock: Arc<dyn Clock>,
+    extra_root_pem: Option<Vec<u8>>,
+) -> Result<Arc<Vault>> {
+    create_private_dir(&config.data_dir)?;
+    let db_path = config.sqlite_path().map_err(anyhow::Error::msg)?;
+    let (kek, reload) = kek::load(config, &db_path)?;
+    let store = SqliteStore::open(&db_path)
+        .await
+        .with_context(|| format!("opening {}", db_path.display()))?;
+    let upstream = HttpUpstream::new(UpstreamOptions {
+        timeout: Duration::from_secs(config.upstream_timeout_secs),
+        extra_root_pem,
+    })
+    .map_err(anyhow::Error::msg)?;
+    let vault = Vault::open(
+        VaultConfig::new(issuer),
+        Arc::new(store),
+        clock,
+        Arc::new(upstream),
+        kek,
+        reload,
+    )
+    .await?;
+    Ok(Arc::new(vault))
+}
+
+fn create_private_dir(dir: &std::path::Path) -> Result<()> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    Ok(())
+}
+
+impl Server {
+    /// Bind `config.listen` and prepare.
+    pub async fn bind(config: &Config, options: ServeOptions) -> Result<Self> {
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        Self::with_listener(config, listener, options).await
+    }
+
+    /// Prepare on an already-bound listener (tests bind `127.0.0.1:0`).
+    pub async fn with_listener(
+        config: &Config,
+        listener: TcpListener,
+        options: ServeOptions,
+    ) -> Result<Self> {
+        let addr = listener.local_addr()?;
+        if config.http && config.public_url.is_none() && !addr.ip().is_loopback() {
+            anyhow::bail!(
+                "--http on a non-loopback address needs public_url (the https URL of the TLS proxy)"
+            );
+        }
+        let issuer = issuer_for(config, addr);
+        create_private_dir(&config.data_dir)?;
+        let tls = if config.http {
+            None
+        } else {
+            Some(match (&config.tls_cert, &config.tls_key) {
+                (Some(c), Some(k)) => tls::operator_supplied(c, k)?,
+                (None, None) => {
+                    let host = url::Url::parse(&issuer)
+                        .ok()
+                        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned()));
+                    tls::local_ca(&config.data_dir, &host.into_iter().collect::<Vec<_>>())?
+                }
+                _ => anyhow::bail!("tls_cert and tls_key go together"),
+            })
+        };
+        let ca_path = tls.as_ref().and_then(|t| t.ca_path.clone());
+        let extra_root = match &ca_path {
+            Some(p) => Some(std::fs::read(p)?),
+            None => None,
+        };
+        let vault = open_vault(config, &issuer, options.clock.clone(), extra_root).await?;
+        let demo = if options.demo {
+            let secret = demo::demo_client_secret(&vault).await?;
+            Some(DemoProvider::new(
+                DemoConfig {
+                    client_id: demo::DEMO_CLIENT_ID.into(),
+                    client_secret: secret,
+                    redirect_uris: vec![vault.config.connect_redirect_uri()],
+                    access_token_ttl: config.demo_access_token_ttl,
+                },
+                options.clock.clone(),
+            ))
+        } else {
+            None
+        };
+        let signing = signing::load_or_create(&vault).await?;
+        let router = http::router(
+            http::AppState::new(vault.clone(), signing, tls.is_some()),
+            demo.as_ref(),
+        );
+        Ok(Self {
+            vault,
+            issuer,
+            ca_path,
+            demo,
+            listener,
+            tls: tls.map(|t| t.server_config),
+            router,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serve until `shutdown` completes.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let vault = self.vault.clone();
+        // Expired single-use identifiers, sessions and connect flows are purged in the background.
+        let purger = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                if let Err(e) = vault.store().purge_expired_jtis(vault.now()).await {
+                    tracing::warn!(error = %e, "purging expired identifiers failed");
+                }
+            }
+        });
+        let result = http::serve(self.listener, self.tls, self.router, shutdown).await;
+        purger.abort();
+        result
+    }
+}

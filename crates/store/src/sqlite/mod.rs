@@ -1,0 +1,900 @@
+//! The SQLite store: one file in the data directory, zero set-up.
+//!
+//! Durability: WAL with `synchronous=FULL`, so an acknowledged commit survives a power cut.
+//! Concurrency: SQLite has one writer at a time; every multi-statement write runs in
+//! `BEGIN IMMEDIATE`, taking the write lock up front, so concurrent writers wait (busy
+//! timeout) instead of failing on a read→write upgrade. The file is created 0600.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use latchkey_core::model::*;
+use latchkey_core::scope::Scopes;
+use latchkey_core::store::*;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("schema.sql"))];
+
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Map a unique-constraint violation to `Conflict(what)`.
+fn conflict(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
+    move |e| match e.as_database_error() {
+        Some(d) if d.is_unique_violation() => StoreError::Conflict(what.into()),
+        _ => unavailable(e),
+    }
+}
+
+impl SqliteStore {
+    /// Open (creating if missing, mode 0600) and migrate the database at `path`.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            create_private_file(path)
+                .map_err(|e| StoreError::Unavailable(format!("create {}: {e}", path.display())))?;
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(unavailable)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The underlying pool (tests use it to inspect or sabotage the database).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        for (version, sql) in MIGRATIONS {
+            if *version <= current {
+                continue;
+            }
+            sqlx::raw_sql(*sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)
+    }
+}
+
+#[cfg(unix)]
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(|_| ())
+}
+
+#[cfg(not(unix))]
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map(|_| ())
+}
+
+async fn insert_audit(
+    tx: &mut Transaction<'static, Sqlite>,
+    a: &AuditRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_events (at, actor_type, actor_id, auth_method, subject_user, action, connection, \
+         account_id, scopes, decision, reason, audit_context, request_id, client_ip) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(a.at)
+    .bind(&a.actor_type)
+    .bind(&a.actor_id)
+    .bind(&a.auth_method)
+    .bind(&a.subject_user)
+    .bind(&a.action)
+    .bind(&a.connection)
+    .bind(&a.account_id)
+    .bind(&a.scopes)
+    .bind(&a.decision)
+    .bind(&a.reason)
+    .bind(&a.audit_context)
+    .bind(&a.request_id)
+    .bind(&a.client_ip)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+fn user_row(r: &SqliteRow) -> User {
+    User {
+        id: r.get("id"),
+        username: r.get("username"),
+        password_hash: r.get("password_hash"),
+        created_at: r.get("created_at"),
+    }
+}
+
+fn connection_row(r: &SqliteRow) -> Connection {
+    Connection {
+        id: r.get("id"),
+        name: r.get("name"),
+        provider: r.get("provider"),
+        client_id: r.get("client_id"),
+        client_secret: r.get("client_secret"),
+        authorize_url: r.get("authorize_url"),
+        token_url: r.get("token_url"),
+        revoke_url: r.get("revoke_url"),
+        userinfo_url: r.get("userinfo_url"),
+        api_base_url: r.get("api_base_url"),
+        scopes: Scopes::parse(r.get::<&str, _>("scopes")),
+        created_at: r.get("created_at"),
+    }
+}
+
+fn account_row(r: &SqliteRow) -> ConnectedAccount {
+    ConnectedAccount {
+        id: r.get("id"),
+        user_id: r.get("user_id"),
+        connection_id: r.get("connection_id"),
+        upstream_account_id: r.get("upstream_account_id"),
+        scopes: Scopes::parse(r.get::<&str, _>("scopes")),
+        access_token: r.get("access_token"),
+        access_expires_at: r.get("access_expires_at"),
+        refresh_token: r.get("refresh_token"),
+        status: AccountStatus::parse(r.get::<&str, _>("status")),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+        last_used_at: r.get("last_used_at"),
+        token_version: r.get("token_version"),
+    }
+}
+
+fn agent_row(r: &SqliteRow) -> Agent {
+    Agent {
+        id: r.get("id"),
+        name: r.get("name"),
+        secret_hash: r.get("secret_hash"),
+        disabled: r.get::<i64, _>("disabled") != 0,
+        created_at: r.get("created_at"),
+    }
+}
+
+fn audit_row(r: &SqliteRow) -> AuditEntry {
+    AuditEntry {
+        seq: r.get("seq"),
+        record: AuditRecord {
+            at: r.get("at"),
+            actor_type: r.get("actor_type"),
+            actor_id: r.get("actor_id"),
+            auth_method: r.get("auth_method"),
+            subject_user: r.get("subject_user"),
+            action: r.get("action"),
+            connection: r.get("connection"),
+            account_id: r.get("account_id"),
+            scopes: r.get("scopes"),
+            decision: r.get("decision"),
+            reason: r.get("reason"),
+            audit_context: r.get("audit_context"),
+            request_id: r.get("request_id"),
+            client_ip: r.get("client_ip"),
+        },
+    }
+}
+
+/// Every sealed column, for key rotation.
+const SEALED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("connected_accounts", "access_token", "id"),
+    ("connected_accounts", "refresh_token", "id"),
+    ("connections", "client_secret", "id"),
+    ("server_secrets", "value", "name"),
+    ("connect_flows", "code_verifier", "state_hash"),
+];
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn data_keys(&self) -> StoreResult<Vec<DataKeyRow>> {
+        let rows = sqlx::query(
+            "SELECT version, kek_id, wrapped, created_at FROM data_keys ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .map(|r| DataKeyRow {
+                version: r.get::<i64, _>("version") as u32,
+                kek_id: r.get("kek_id"),
+                wrapped: r.get("wrapped"),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    async fn insert_data_key(&self, row: &DataKeyRow, audit: &AuditRecord) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO data_keys (version, kek_id, wrapped, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(row.version as i64)
+        .bind(&row.kek_id)
+        .bind(&row.wrapped)
+        .bind(row.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict("data key version"))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn rewrap_data_keys(&self, rows: &[DataKeyRow], audit: &AuditRecord) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        for row in rows {
+            sqlx::query("UPDATE data_keys SET kek_id = ?, wrapped = ? WHERE version = ?")
+                .bind(&row.kek_id)
+                .bind(&row.wrapped)
+                .bind(row.version as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn server_secret(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        let row = sqlx::query("SELECT value FROM server_secrets WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| r.get("value")))
+    }
+
+    async fn init_server_secret(&self, name: &str, sealed: &[u8]) -> StoreResult<Vec<u8>> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO server_secrets (name, value) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(sealed)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let value: Vec<u8> = sqlx::query("SELECT value FROM server_secrets WHERE name = ?")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .get("value");
+        tx.commit().await.map_err(unavailable)?;
+        Ok(value)
+    }
+
+    async fn sealed_fields(&self) -> StoreResult<Vec<SealedField>> {
+        let mut out = Vec::new();
+        for (table, field, key) in SEALED_COLUMNS {
+            let sql = format!(
+                "SELECT {key} AS row_id, {field} AS blob FROM {table} WHERE {field} IS NOT NULL"
+            );
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            out.extend(rows.iter().map(|r| SealedField {
+                table,
+                field,
+                row: r.get("row_id"),
+                blob: r.get("blob"),
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn reseal_fields(&self, old_and_new: &[(SealedField, Vec<u8>)]) -> StoreResult<usize> {
+        let mut tx = self.write().await?;
+        let mut changed = 0;
+        for (old, new) in old_and_new {
+            let key = SEALED_COLUMNS
+                .iter()
+                .find(|(t, f, _)| *t == old.table && *f == old.field)
+                .map(|(_, _, k)| *k)
+                .ok_or(StoreError::NotFound)?;
+            let sql = format!(
+                "UPDATE {} SET {} = ? WHERE {key} = ? AND {} = ?",
+                old.table, old.field, old.field
+            );
+            changed += sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(new)
+                .bind(&old.row)
+                .bind(&old.blob)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected() as usize;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(changed)
+    }
+
+    async fn insert_user(&self, user: &User, audit: &AuditRecord) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO users (id, username, password_hash, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&user.id)
+        .bind(&user.username)
+        .bind(&user.password_hash)
+        .bind(user.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict("a user with this username"))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>> {
+        let row = sqlx::query("SELECT * FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(user_row))
+    }
+
+    async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>> {
+        let row = sqlx::query("SELECT * FROM users WHERE username = ?")
+            .bind(username)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(user_row))
+    }
+
+    async fn set_password(
+        &self,
+        user_id: &str,
+        hash: &str,
+        audit: &AuditRecord,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
+            .bind(hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<User>> {
+        let rows = sqlx::query("SELECT * FROM users ORDER BY created_at, username")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(user_row).collect())
+    }
+
+    async fn insert_connection(&self, c: &Connection, audit: &AuditRecord) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO connections (id, name, provider, client_id, client_secret, authorize_url, token_url, \
+             revoke_url, userinfo_url, api_base_url, scopes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.id)
+        .bind(&c.name)
+        .bind(&c.provider)
+        .bind(&c.client_id)
+        .bind(&c.client_secret)
+        .bind(&c.authorize_url)
+        .bind(&c.token_url)
+        .bind(&c.revoke_url)
+        .bind(&c.userinfo_url)
+        .bind(&c.api_base_url)
+        .bind(c.scopes.to_string_spaced())
+        .bind(c.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict("a connection with this name"))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn connection_by_name(&self, name: &str) -> StoreResult<Option<Connection>> {
+        let row = sqlx::query("SELECT * FROM connections WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(connection_row))
+    }
+
+    async fn connection_by_id(&self, id: &str) -> StoreResult<Option<Connection>> {
+        let row = sqlx::query("SELECT * FROM connections WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(connection_row))
+    }
+
+    async fn list_connections(&self) -> StoreResult<Vec<Connection>> {
+        let rows = sqlx::query("SELECT * FROM connections ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(connection_row).collect())
+    }
+
+    async fn upsert_account(
+        &self,
+        a: &ConnectedAccount,
+        audit: &AuditRecord,
+    ) -> StoreResult<String> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO connected_accounts (id, user_id, connection_id, upstream_account_id, scopes, access_token, \
+             access_expires_at, refresh_token, status, created_at, updated_at, last_used_at, token_version) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT(id) DO UPDATE SET scopes = excluded.scopes, access_token = excluded.access_token, \
+             access_expires_at = excluded.access_expires_at, refresh_token = excluded.refresh_token, \
+             status = excluded.status, updated_at = excluded.updated_at, \
+             token_version = connected_accounts.token_version + 1",
+        )
+        .bind(&a.id)
+        .bind(&a.user_id)
+        .bind(&a.connection_id)
+        .bind(&a.upstream_account_id)
+        .bind(a.scopes.to_string_spaced())
+        .bind(&a.access_token)
+        .bind(a.access_expires_at)
+        .bind(&a.refresh_token)
+        .bind(a.status.as_str())
+        .bind(a.created_at)
+        .bind(a.updated_at)
+        .bind(a.last_used_at)
+        .bind(a.token_version)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(a.id.clone())
+    }
+
+    async fn account_by_id(&self, id: &str) -> StoreResult<Option<ConnectedAccount>> {
+        let row = sqlx::query("SELECT * FROM connected_accounts WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(account_row))
+    }
+
+    async fn accounts_for(
+        &self,
+        user_id: &str,
+        connection_id: &str,
+    ) -> StoreResult<Vec<ConnectedAccount>> {
+        let rows = sqlx::query(
+            "SELECT * FROM connected_accounts WHERE user_id = ? AND connection_id = ? ORDER BY created_at DESC, id",
+        )
+        .bind(user_id)
+        .bind(connection_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows.iter().map(account_row).collect())
+    }
+
+    async fn list_accounts(&self, user_id: Option<&str>) -> StoreResult<Vec<ConnectedAccount>> {
+        let rows =
+            match user_id {
+                Some(u) => sqlx::query(
+                    "SELECT * FROM connected_accounts WHERE user_id = ? ORDER BY created_at, id",
+                )
+                .bind(u)
+                .fetch_all(&self.pool)
+                .await,
+                None => {
+                    sqlx::query("SELECT * FROM connected_accounts ORDER BY created_at, id")
+                        .fetch_all(&self.pool)
+                        .await
+                }
+            }
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(account_row).collect())
+    }
+
+    async fn update_account_tokens(
+        &self,
+        a: &ConnectedAccount,
+        expected_version: i64,
+    ) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE connected_accounts SET scopes = ?, access_token = ?, access_expires_at = ?, refresh_token = ?, \
+             updated_at = ?, token_version = ? WHERE id = ? AND token_version = ? AND status = 'active'",
+        )
+        .bind(a.scopes.to_string_spaced())
+        .bind(&a.access_token)
+        .bind(a.access_expires_at)
+        .bind(&a.refresh_token)
+        .bind(a.updated_at)
+        .bind(expected_version + 1)
+        .bind(&a.id)
+        .bind(expected_version)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn set_account_status(
+        &self,
+        id: &str,
+        status: AccountStatus,
+        expected_version: i64,
+        audit: &AuditRecord,
+    ) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query(
+            "UPDATE connected_accounts SET status = ?, token_version = token_version + 1 WHERE id = ? AND token_version = ?",
+        )
+        .bind(status.as_str())
+        .bind(id)
+        .bind(expected_version)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        if n == 1 {
+            insert_audit(&mut tx, audit).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    async fn revoke_account(&self, id: &str, audit: &AuditRecord) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query(
+            "UPDATE connected_accounts SET status = 'revoked', access_token = NULL, refresh_token = NULL, \
+             access_expires_at = NULL, token_version = token_version + 1, updated_at = ? WHERE id = ?",
+        )
+        .bind(audit.at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        if n == 1 {
+            insert_audit(&mut tx, audit).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    async fn insert_agent(
+        &self,
+        agent: &Agent,
+        keys: &[AgentKey],
+        audit: &AuditRecord,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("INSERT INTO agents (id, name, secret_hash, disabled, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&agent.id)
+            .bind(&agent.name)
+            .bind(&agent.secret_hash)
+            .bind(agent.disabled as i64)
+            .bind(agent.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(conflict("agent"))?;
+        for k in keys {
+            sqlx::query("INSERT INTO agent_keys (agent_id, kid, alg, jwk, created_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(&k.agent_id)
+                .bind(&k.kid)
+                .bind(&k.alg)
+                .bind(&k.jwk)
+                .bind(k.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(conflict("a key with this kid"))?;
+        }
+        let mut audit = audit.clone();
+        audit.reason = Some(format!(
+            "{} ({})",
+            agent.id,
+            audit.reason.unwrap_or_default()
+        ));
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn agent_by_id(&self, id: &str) -> StoreResult<Option<Agent>> {
+        let row = sqlx::query("SELECT * FROM agents WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(agent_row))
+    }
+
+    async fn agent_by_secret_hash(&self, hash: &str) -> StoreResult<Option<Agent>> {
+        let row = sqlx::query("SELECT * FROM agents WHERE secret_hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(agent_row))
+    }
+
+    async fn agent_keys(&self, agent_id: &str) -> StoreResult<Vec<AgentKey>> {
+        let rows =
+            sqlx::query("SELECT * FROM agent_keys WHERE agent_id = ? ORDER BY created_at, kid")
+                .bind(agent_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .map(|r| AgentKey {
+                agent_id: r.get("agent_id"),
+                kid: r.get("kid"),
+                alg: r.get("alg"),
+                jwk: r.get("jwk"),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    async fn list_agents(&self) -> StoreResult<Vec<Agent>> {
+        let rows = sqlx::query("SELECT * FROM agents ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(agent_row).collect())
+    }
+
+    async fn upsert_grant(&self, g: &Grant, audit: &AuditRecord) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO grants (agent_id, connection_id, scopes, ip_allowlist, created_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT(agent_id, connection_id) DO UPDATE SET scopes = excluded.scopes, ip_allowlist = excluded.ip_allowlist",
+        )
+        .bind(&g.agent_id)
+        .bind(&g.connection_id)
+        .bind(g.scopes.to_string_spaced())
+        .bind(g.ip_allowlist.join(" "))
+        .bind(g.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn grant_for(&self, agent_id: &str, connection_id: &str) -> StoreResult<Option<Grant>> {
+        let row = sqlx::query("SELECT * FROM grants WHERE agent_id = ? AND connection_id = ?")
+            .bind(agent_id)
+            .bind(connection_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| Grant {
+            agent_id: r.get("agent_id"),
+            connection_id: r.get("connection_id"),
+            scopes: Scopes::parse(r.get::<&str, _>("scopes")),
+            ip_allowlist: r
+                .get::<&str, _>("ip_allowlist")
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            created_at: r.get("created_at"),
+        }))
+    }
+
+    async fn commit_release(
+        &self,
+        jtis: &[JtiUse],
+        account_id: &str,
+        audit: &AuditRecord,
+    ) -> Result<(), ReleaseError> {
+        let mut tx = self.write().await?;
+        for (i, j) in jtis.iter().enumerate() {
+            let n = sqlx::query(
+                "INSERT INTO used_jtis (key, expires_at) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
+            )
+            .bind(&j.key)
+            .bind(j.expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+            if n == 0 {
+                return Err(ReleaseError::Replay(i));
+            }
+        }
+        let n = sqlx::query(
+            "UPDATE connected_accounts SET last_used_at = ? WHERE id = ? AND status = 'active'",
+        )
+        .bind(audit.at)
+        .bind(account_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        if n == 0 {
+            return Err(ReleaseError::AccountInactive);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn purge_expired_jtis(&self, now: i64) -> StoreResult<u64> {
+        let n = sqlx::query("DELETE FROM used_jtis WHERE expires_at < ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        sqlx::query("DELETE FROM sessions WHERE expires_at < ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("DELETE FROM connect_flows WHERE expires_at < ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(n)
+    }
+
+    async fn insert_session(&self, hash: &str, user_id: &str, expires_at: i64) -> StoreResult<()> {
+        sqlx::query("INSERT INTO sessions (hash, user_id, expires_at) VALUES (?, ?, ?)")
+            .bind(hash)
+            .bind(user_id)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn session_user(&self, hash: &str, now: i64) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT user_id FROM sessions WHERE hash = ? AND expires_at > ?")
+            .bind(hash)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| r.get("user_id")))
+    }
+
+    async fn delete_session(&self, hash: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM sessions WHERE hash = ?")
+            .bind(hash)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn insert_connect_flow(&self, f: &ConnectFlow) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO connect_flows (state_hash, user_id, connection_id, code_verifier, redirect_uri, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&f.state_hash)
+        .bind(&f.user_id)
+        .bind(&f.connection_id)
+        .bind(&f.code_verifier)
+        .bind(&f.redirect_uri)
+        .bind(f.expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn take_connect_flow(
+        &self,
+        state_hash: &str,
+        now: i64,
+    ) -> StoreResult<Option<ConnectFlow>> {
+        let row = sqlx::query("DELETE FROM connect_flows WHERE state_hash = ? RETURNING *")
+            .bind(state_hash)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row
+            .map(|r| ConnectFlow {
+                state_hash: r.get("state_hash"),
+                user_id: r.get("user_id"),
+                connection_id: r.get("connection_id"),
+                code_verifier: r.get("code_verifier"),
+                redirect_uri: r.get("redirect_uri"),
+                expires_at: r.get("expires_at"),
+            })
+            .filter(|f| f.expires_at > now))
+    }
+
+    async fn append_audit(&self, audit: &AuditRecord) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn list_audit(&self, limit: i64) -> StoreResult<Vec<AuditEntry>> {
+        let rows = sqlx::query("SELECT * FROM audit_events ORDER BY seq DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(audit_row).collect())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,119 @@
+-- Latchkey schema v1 (SQLite). Timestamps are Unix seconds. Sealed columns (BLOB) hold
+-- envelope ciphertexts whose AAD names table, column and row; nothing here is plaintext secret.
+
+CREATE TABLE data_keys (
+    version     INTEGER PRIMARY KEY,
+    kek_id      TEXT NOT NULL,
+    wrapped     BLOB NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+
+CREATE TABLE server_secrets (
+    name   TEXT PRIMARY KEY,
+    value  BLOB NOT NULL
+);
+
+CREATE TABLE users (
+    id             TEXT PRIMARY KEY,
+    username       TEXT NOT NULL UNIQUE,
+    password_hash  TEXT,
+    created_at     INTEGER NOT NULL
+);
+
+CREATE TABLE connections (
+    id             TEXT PRIMARY KEY,
+    name           TEXT NOT NULL UNIQUE,
+    provider       TEXT NOT NULL,
+    client_id      TEXT NOT NULL,
+    client_secret  BLOB,
+    authorize_url  TEXT NOT NULL,
+    token_url      TEXT NOT NULL,
+    revoke_url     TEXT,
+    userinfo_url   TEXT,
+    api_base_url   TEXT,
+    scopes         TEXT NOT NULL,
+    created_at     INTEGER NOT NULL
+);
+
+CREATE TABLE connected_accounts (
+    id                   TEXT PRIMARY KEY,
+    user_id              TEXT NOT NULL REFERENCES users(id),
+    connection_id        TEXT NOT NULL REFERENCES connections(id),
+    upstream_account_id  TEXT,
+    scopes               TEXT NOT NULL,
+    access_token         BLOB,
+    access_expires_at    INTEGER,
+    refresh_token        BLOB,
+    status               TEXT NOT NULL,
+    created_at           INTEGER NOT NULL,
+    updated_at           INTEGER NOT NULL,
+    last_used_at         INTEGER,
+    token_version        INTEGER NOT NULL
+);
+CREATE INDEX connected_accounts_user_connection ON connected_accounts(user_id, connection_id);
+
+CREATE TABLE agents (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    secret_hash  TEXT UNIQUE,
+    disabled     INTEGER NOT NULL DEFAULT 0,
+    created_at   INTEGER NOT NULL
+);
+
+CREATE TABLE agent_keys (
+    agent_id    TEXT NOT NULL REFERENCES agents(id),
+    kid         TEXT NOT NULL,
+    alg         TEXT NOT NULL,
+    jwk         TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, kid)
+);
+
+CREATE TABLE grants (
+    agent_id       TEXT NOT NULL REFERENCES agents(id),
+    connection_id  TEXT NOT NULL REFERENCES connections(id),
+    scopes         TEXT NOT NULL,
+    ip_allowlist   TEXT NOT NULL,
+    created_at     INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, connection_id)
+);
+
+-- Single-use identifiers of client assertions and subject tokens, kept until they expire.
+CREATE TABLE used_jtis (
+    key         TEXT PRIMARY KEY,
+    expires_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX used_jtis_expiry ON used_jtis(expires_at);
+
+CREATE TABLE sessions (
+    hash        TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL REFERENCES users(id),
+    expires_at  INTEGER NOT NULL
+);
+
+CREATE TABLE connect_flows (
+    state_hash     TEXT PRIMARY KEY,
+    user_id        TEXT NOT NULL REFERENCES users(id),
+    connection_id  TEXT NOT NULL REFERENCES connections(id),
+    code_verifier  BLOB NOT NULL,
+    redirect_uri   TEXT NOT NULL,
+    expires_at     INTEGER NOT NULL
+);
+
+CREATE TABLE audit_events (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    at             INTEGER NOT NULL,
+    actor_type     TEXT NOT NULL,
+    actor_id       TEXT NOT NULL,
+    auth_method    TEXT NOT NULL,
+    subject_user   TEXT,
+    action         TEXT NOT NULL,
+    connection     TEXT,
+    account_id     TEXT,
+    scopes         TEXT,
+    decision       TEXT NOT NULL,
+    reason         TEXT,
+    audit_context  TEXT,
+    request_id     TEXT,
+    client_ip      TEXT
+);

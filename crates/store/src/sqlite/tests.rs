@@ -1,0 +1,208 @@
+//! Store behaviour the domain relies on. (This becomes the conformance suite every backend runs.)
+
+use super::*;
+
+async fn store() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+    (dir, s)
+}
+
+fn audit(action: &str) -> AuditRecord {
+    AuditRecord {
+        at: 1,
+        actor_type: "operator".into(),
+        actor_id: "t".into(),
+        auth_method: "test".into(),
+        action: action.into(),
+        decision: "allow".into(),
+        ..Default::default()
+    }
+}
+
+async fn seed(s: &SqliteStore) -> ConnectedAccount {
+    s.insert_user(
+        &User {
+            id: "usr_1".into(),
+            username: "alice".into(),
+            password_hash: None,
+            created_at: 1,
+        },
+        &audit("u"),
+    )
+    .await
+    .unwrap();
+    let c = Connection {
+        id: "con_1".into(),
+        name: "demo-git".into(),
+        provider: "demo".into(),
+        client_id: "c".into(),
+        client_secret: None,
+        authorize_url: String::new(),
+        token_url: String::new(),
+        revoke_url: None,
+        userinfo_url: None,
+        api_base_url: None,
+        scopes: Scopes::parse("a b"),
+        created_at: 1,
+    };
+    s.insert_connection(&c, &audit("c")).await.unwrap();
+    let a = ConnectedAccount {
+        id: "cac_1".into(),
+        user_id: "usr_1".into(),
+        connection_id: "con_1".into(),
+        upstream_account_id: Some("1001".into()),
+        scopes: Scopes::parse("a b"),
+        access_token: Some(vec![1]),
+        access_expires_at: Some(100),
+        refresh_token: Some(vec![2]),
+        status: AccountStatus::Active,
+        created_at: 1,
+        updated_at: 1,
+        last_used_at: None,
+        token_version: 0,
+    };
+    s.upsert_account(&a, &audit("a")).await.unwrap();
+    a
+}
+
+#[tokio::test]
+async fn reopen_is_idempotent_and_file_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let s = SqliteStore::open(&path).await.unwrap();
+    s.insert_user(
+        &User {
+            id: "u".into(),
+            username: "x".into(),
+            password_hash: None,
+            created_at: 1,
+        },
+        &audit("u"),
+    )
+    .await
+    .unwrap();
+    drop(s);
+    let s = SqliteStore::open(&path).await.unwrap();
+    assert!(s.user_by_id("u").await.unwrap().is_some());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}
+
+#[tokio::test]
+async fn duplicate_username_is_a_conflict_and_writes_nothing() {
+    let (_d, s) = store().await;
+    let u = User {
+        id: "u1".into(),
+        username: "alice".into(),
+        password_hash: None,
+        created_at: 1,
+    };
+    s.insert_user(&u, &audit("user.create")).await.unwrap();
+    let again = User {
+        id: "u2".into(),
+        ..u
+    };
+    assert!(matches!(
+        s.insert_user(&again, &audit("user.create")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        s.list_audit(10).await.unwrap().len(),
+        1,
+        "the failed insert left no audit entry"
+    );
+}
+
+#[tokio::test]
+async fn release_consumes_jtis_atomically() {
+    let (_d, s) = store().await;
+    seed(&s).await;
+    let j = |k: &str| JtiUse {
+        key: k.into(),
+        expires_at: 10,
+    };
+    s.commit_release(&[j("a:1"), j("s:1")], "cac_1", &audit("token.release"))
+        .await
+        .unwrap();
+    // Replaying either jti fails and writes nothing (the fresh one is not consumed either).
+    assert!(matches!(
+        s.commit_release(&[j("a:2"), j("s:1")], "cac_1", &audit("token.release"))
+            .await,
+        Err(ReleaseError::Replay(1))
+    ));
+    s.commit_release(&[j("a:2"), j("s:2")], "cac_1", &audit("token.release"))
+        .await
+        .unwrap();
+    let releases = s
+        .list_audit(100)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.record.action == "token.release")
+        .count();
+    assert_eq!(releases, 2);
+    // A revoked account releases nothing.
+    assert!(
+        s.revoke_account("cac_1", &audit("account.revoke"))
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        s.commit_release(&[j("s:3")], "cac_1", &audit("token.release"))
+            .await,
+        Err(ReleaseError::AccountInactive)
+    ));
+    let a = s.account_by_id("cac_1").await.unwrap().unwrap();
+    assert!(a.access_token.is_none() && a.refresh_token.is_none());
+    assert_eq!(s.purge_expired_jtis(11).await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn token_updates_are_fenced_by_version() {
+    let (_d, s) = store().await;
+    let a = seed(&s).await;
+    let mut newer = a.clone();
+    newer.access_token = Some(vec![9]);
+    assert!(s.update_account_tokens(&newer, 0).await.unwrap());
+    // A writer still holding version 0 loses.
+    assert!(!s.update_account_tokens(&newer, 0).await.unwrap());
+    assert!(
+        !s.set_account_status("cac_1", AccountStatus::NeedsReauth, 0, &audit("x"))
+            .await
+            .unwrap()
+    );
+    let stored = s.account_by_id("cac_1").await.unwrap().unwrap();
+    assert_eq!(
+        (stored.token_version, stored.access_token),
+        (1, Some(vec![9]))
+    );
+}
+
+#[tokio::test]
+async fn connect_flows_are_single_use_and_expire() {
+    let (_d, s) = store().await;
+    seed(&s).await;
+    let f = ConnectFlow {
+        state_hash: "h".into(),
+        user_id: "usr_1".into(),
+        connection_id: "con_1".into(),
+        code_verifier: vec![1],
+        redirect_uri: "r".into(),
+        expires_at: 50,
+    };
+    s.insert_connect_flow(&f).await.unwrap();
+    assert!(s.take_connect_flow("h", 10).await.unwrap().is_some());
+    assert!(s.take_connect_flow("h", 10).await.unwrap().is_none());
+    s.insert_connect_flow(&f).await.unwrap();
+    assert!(
+        s.take_connect_flow("h", 60).await.unwrap().is_none(),
+        "expired flows are not returned"
+    );
+}
