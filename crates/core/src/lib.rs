@@ -16,6 +16,7 @@ pub mod error;
 pub mod keys;
 pub mod model;
 pub mod params;
+pub mod rate;
 pub mod refresh;
 pub mod scope;
 pub mod store;

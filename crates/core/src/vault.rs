@@ -55,6 +55,8 @@ pub struct VaultConfig {
     pub non_expiring_ttl: i64,
     pub connect_flow_ttl: i64,
     pub session_ttl: i64,
+    /// Token requests one agent may make per minute on this node (0: unlimited).
+    pub agent_requests_per_minute: u32,
 }
 
 impl VaultConfig {
@@ -72,6 +74,7 @@ impl VaultConfig {
             non_expiring_ttl: 3600,
             connect_flow_ttl: 600,
             session_ttl: 8 * 3600,
+            agent_requests_per_minute: 0,
         }
     }
 
@@ -174,6 +177,7 @@ pub struct Vault {
     pub keys: KeyService,
     pepper: Zeroizing<Vec<u8>>,
     refresh_locks: RefreshLocks,
+    rate: crate::rate::RateLimiter,
 }
 
 impl Vault {
@@ -208,6 +212,7 @@ impl Vault {
             keys,
             pepper,
             refresh_locks: RefreshLocks::default(),
+            rate: Default::default(),
         })
     }
 
@@ -263,6 +268,19 @@ impl Vault {
     ) -> Result<TokenResponse, OAuthError> {
         let grant_type = params.require("grant_type")?;
         let client = self.authenticate_client(params, basic).await?;
+        if let Err(retry_after) = self.rate.check(
+            &client.agent.id,
+            self.config.agent_requests_per_minute,
+            self.now(),
+        ) {
+            return Err(OAuthError::too_many_requests(
+                format!(
+                    "agent {} exceeded {} token requests per minute",
+                    client.agent.id, self.config.agent_requests_per_minute
+                ),
+                retry_after,
+            ));
+        }
         if grant_type != GRANT_TOKEN_VAULT {
             return Err(OAuthError::unsupported_grant_type(format!(
                 "grant_type `{grant_type}` is not supported; use {GRANT_TOKEN_VAULT}"

@@ -35,6 +35,8 @@ pub struct Config {
     pub upstream_timeout_secs: u64,
     /// Lifetime of access tokens the built-in demo provider issues, in seconds.
     pub demo_access_token_ttl: i64,
+    /// Token requests one agent may make per minute on this node; 0 means unlimited.
+    pub agent_requests_per_minute: u32,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             log: "info".into(),
             upstream_timeout_secs: 10,
             demo_access_token_ttl: 300,
+            agent_requests_per_minute: 0,
         }
     }
 }

@@ -83,6 +83,8 @@ pub async fn open_vault(
     create_private_dir(&config.data_dir)?;
     let db_path = config.sqlite_path().map_err(anyhow::Error::msg)?;
     let (kek, reload) = kek::load(config, &db_path)?;
+    let mut vault_config = VaultConfig::new(issuer);
+    vault_config.agent_requests_per_minute = config.agent_requests_per_minute;
     let store = SqliteStore::open(&db_path)
         .await
         .with_context(|| format!("opening {}", db_path.display()))?;
@@ -92,7 +94,7 @@ pub async fn open_vault(
     })
     .map_err(anyhow::Error::msg)?;
     let vault = Vault::open(
-        VaultConfig::new(issuer),
+        vault_config,
         Arc::new(store),
         clock,
         Arc::new(upstream),

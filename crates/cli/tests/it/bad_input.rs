@@ -471,3 +471,31 @@ async fn malformed_bodies() {
     // And the server still works.
     ts.post_form(&ts.exchange_params()).await.token();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = latchkey_server::Config {
+        data_dir: dir.path().join("data"),
+        agent_requests_per_minute: 3,
+        ..latchkey_server::Config::default()
+    };
+    let ts = TestServer::start_with(dir, config).await;
+    ts.connect_demo_account().await;
+    // Start at the beginning of a minute so the window cannot roll over mid-test.
+    ts.clock.advance(60 - ts.now().rem_euclid(60));
+    for _ in 0..3 {
+        ts.post_form(&ts.exchange_params()).await.token();
+    }
+    let (releases, jtis) = (ts.releases().await, ts.used_jtis().await);
+    let a = ts.post_form(&ts.exchange_params()).await;
+    a.assert_error(429, "too_many_requests");
+    let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry));
+    assert_eq!(
+        (ts.releases().await, ts.used_jtis().await),
+        (releases, jtis)
+    );
+    ts.clock.advance(60);
+    ts.post_form(&ts.exchange_params()).await.token();
+}
