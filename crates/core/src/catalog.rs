@@ -21,6 +21,13 @@ pub mod demo_paths {
     pub const SCOPES: &[&str] = &["read:user", "repo:read", "repo:write", "issues:write"];
 }
 
+/// Whether the provider honours `scope` on the refresh grant (RFC 6749 §6), so Latchkey can
+/// hand out an upstream token that is itself narrowed to the request. Where it does not,
+/// narrowing is Latchkey's policy only (the answer's `scope`).
+pub fn narrows_upstream(conn: &Connection) -> bool {
+    conn.provider == DEMO
+}
+
 pub fn known_provider(name: &str) -> bool {
     matches!(name, DEMO | GENERIC)
 }

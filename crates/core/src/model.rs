@@ -80,6 +80,18 @@ pub struct ConnectedAccount {
     pub token_version: i64,
 }
 
+/// An upstream access token narrowed to a scope set, cached per (account, scopes).
+#[derive(Clone, Debug)]
+pub struct ScopedToken {
+    /// `{account id} {space-delimited scopes}`; also the row in the sealing AAD.
+    pub id: String,
+    pub account_id: String,
+    pub scopes: Scopes,
+    /// Sealed access token.
+    pub access_token: Vec<u8>,
+    pub expires_at: Option<i64>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Agent {
     pub id: String,

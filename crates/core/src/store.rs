@@ -126,7 +126,16 @@ pub trait Store: Send + Sync + 'static {
         expected_version: i64,
         audit: &AuditRecord,
     ) -> StoreResult<bool>;
-    /// Mark revoked and erase its tokens. Returns false if it did not exist.
+    async fn scoped_token(&self, id: &str) -> StoreResult<Option<ScopedToken>>;
+    /// In one transaction, iff the account's `token_version` still equals `expected_version`:
+    /// store the account's new refresh token and version, and upsert the narrowed token.
+    async fn store_scoped_token(
+        &self,
+        account: &ConnectedAccount,
+        expected_version: i64,
+        scoped: &ScopedToken,
+    ) -> StoreResult<bool>;
+    /// Mark revoked and erase its tokens (narrowed ones too). Returns false if it did not exist.
     async fn revoke_account(&self, id: &str, audit: &AuditRecord) -> StoreResult<bool>;
 
     // Agents.

@@ -53,10 +53,12 @@ pub trait Upstream: Send + Sync + 'static {
         redirect_uri: &str,
     ) -> Result<UpstreamTokens, UpstreamError>;
 
+    /// The refresh-token grant; `scope` asks for a narrower access token (RFC 6749 §6).
     async fn refresh(
         &self,
         ep: &Endpoints,
         refresh_token: &SecretString,
+        scope: Option<&Scopes>,
     ) -> Result<UpstreamTokens, UpstreamError>;
 
     /// RFC 7009 revocation at the provider (best effort by callers).

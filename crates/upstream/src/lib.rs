@@ -215,15 +215,17 @@ impl Upstream for HttpUpstream {
         &self,
         ep: &Endpoints,
         refresh_token: &SecretString,
+        scope: Option<&Scopes>,
     ) -> Result<UpstreamTokens, UpstreamError> {
-        self.token_request(
-            ep,
-            &[
-                ("grant_type", "refresh_token"),
-                ("refresh_token", refresh_token.expose_secret()),
-            ],
-        )
-        .await
+        let scope = scope.map(Scopes::to_string_spaced);
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose_secret()),
+        ];
+        if let Some(s) = &scope {
+            form.push(("scope", s));
+        }
+        self.token_request(ep, &form).await
     }
 
     async fn revoke(

@@ -144,4 +144,9 @@ async fn hand_written_node_agent() {
     assert_eq!(answer["body"]["scope"], "read:user");
     let token = answer["body"]["access_token"].as_str().unwrap();
     assert_eq!(ts.demo_api(token, "user").await.0, 200);
+    assert_eq!(
+        ts.demo_api(token, "repos").await.0,
+        403,
+        "the upstream token itself is narrowed to the grant"
+    );
 }

@@ -38,9 +38,20 @@ async fn connect_exchange_call_revoke() {
     );
 
     // Narrowing: only what the agent asks for, within its grant.
+    // The provider honours narrowing, so the upstream token itself carries only that scope.
     let mut params = ts.exchange_params();
     params.push(("scope".into(), "repo:read".into()));
-    assert_eq!(ts.post_form(&params).await.body["scope"], "repo:read");
+    let narrow = ts.post_form(&params).await;
+    assert_eq!(narrow.body["scope"], "repo:read");
+    assert_eq!(ts.demo_api(narrow.token(), "repos").await.0, 200);
+    assert_eq!(ts.demo_api(narrow.token(), "user").await.0, 403);
+    // The same scope set again is served from the vault, without another provider call.
+    let refreshes = ts.demo.stats().refresh_grants;
+    let mut params = ts.exchange_params();
+    params.push(("scope".into(), "repo:read".into()));
+    let again = ts.post_form(&params).await;
+    assert_eq!(again.token(), narrow.token());
+    assert_eq!(ts.demo.stats().refresh_grants, refreshes);
 
     // The release is on the audit trail, with who, for whom, what and why — and no token.
     let audit = ts.vault.store().list_audit(10).await.unwrap();

@@ -235,6 +235,7 @@ const SEALED_COLUMNS: &[(&str, &str, &str)] = &[
     ("connections", "client_secret", "id"),
     ("server_secrets", "value", "name"),
     ("connect_flows", "code_verifier", "state_hash"),
+    ("scoped_tokens", "access_token", "id"),
 ];
 
 #[async_trait]
@@ -508,6 +509,12 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        // A new consent may grant other scopes: narrowed tokens of the old one go.
+        sqlx::query("DELETE FROM scoped_tokens WHERE account_id = ?")
+            .bind(&a.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(a.id.clone())
@@ -606,6 +613,59 @@ impl Store for SqliteStore {
         Ok(n == 1)
     }
 
+    async fn scoped_token(&self, id: &str) -> StoreResult<Option<ScopedToken>> {
+        let row = sqlx::query("SELECT * FROM scoped_tokens WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| ScopedToken {
+            id: r.get("id"),
+            account_id: r.get("account_id"),
+            scopes: Scopes::parse(r.get::<&str, _>("scopes")),
+            access_token: r.get("access_token"),
+            expires_at: r.get("expires_at"),
+        }))
+    }
+
+    async fn store_scoped_token(
+        &self,
+        a: &ConnectedAccount,
+        expected_version: i64,
+        t: &ScopedToken,
+    ) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query(
+            "UPDATE connected_accounts SET refresh_token = ?, updated_at = ?, token_version = ? \
+             WHERE id = ? AND token_version = ? AND status = 'active'",
+        )
+        .bind(&a.refresh_token)
+        .bind(a.updated_at)
+        .bind(expected_version + 1)
+        .bind(&a.id)
+        .bind(expected_version)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        if n == 1 {
+            sqlx::query(
+                "INSERT INTO scoped_tokens (id, account_id, scopes, access_token, expires_at) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT(id) DO UPDATE SET access_token = excluded.access_token, expires_at = excluded.expires_at",
+            )
+            .bind(&t.id)
+            .bind(&t.account_id)
+            .bind(t.scopes.to_string_spaced())
+            .bind(&t.access_token)
+            .bind(t.expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
     async fn revoke_account(&self, id: &str, audit: &AuditRecord) -> StoreResult<bool> {
         let mut tx = self.write().await?;
         let n = sqlx::query(
@@ -619,6 +679,11 @@ impl Store for SqliteStore {
         .map_err(unavailable)?
         .rows_affected();
         if n == 1 {
+            sqlx::query("DELETE FROM scoped_tokens WHERE account_id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
             insert_audit(&mut tx, audit).await?;
         }
         tx.commit().await.map_err(unavailable)?;

@@ -52,6 +52,16 @@ CREATE TABLE connected_accounts (
 );
 CREATE INDEX connected_accounts_user_connection ON connected_accounts(user_id, connection_id);
 
+-- Upstream access tokens narrowed to a scope set (providers that honour `scope` on refresh).
+CREATE TABLE scoped_tokens (
+    id            TEXT PRIMARY KEY,
+    account_id    TEXT NOT NULL REFERENCES connected_accounts(id),
+    scopes        TEXT NOT NULL,
+    access_token  BLOB NOT NULL,
+    expires_at    INTEGER
+);
+CREATE INDEX scoped_tokens_account ON scoped_tokens(account_id);
+
 CREATE TABLE agents (
     id           TEXT PRIMARY KEY,
     name         TEXT NOT NULL,

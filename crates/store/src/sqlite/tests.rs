@@ -206,3 +206,47 @@ async fn connect_flows_are_single_use_and_expire() {
         "expired flows are not returned"
     );
 }
+
+#[tokio::test]
+async fn narrowed_tokens_are_fenced_and_go_with_revocation() {
+    let (_d, s) = store().await;
+    let a = seed(&s).await;
+    let t = ScopedToken {
+        id: "cac_1 a".into(),
+        account_id: "cac_1".into(),
+        scopes: Scopes::parse("a"),
+        access_token: vec![7],
+        expires_at: Some(50),
+    };
+    let mut rotated = a.clone();
+    rotated.refresh_token = Some(vec![3]);
+    assert!(s.store_scoped_token(&rotated, 0, &t).await.unwrap());
+    assert!(
+        !s.store_scoped_token(&rotated, 0, &t).await.unwrap(),
+        "a stale version loses"
+    );
+    let stored = s.account_by_id("cac_1").await.unwrap().unwrap();
+    assert_eq!(
+        (stored.token_version, stored.refresh_token),
+        (1, Some(vec![3]))
+    );
+    assert_eq!(
+        s.scoped_token("cac_1 a")
+            .await
+            .unwrap()
+            .unwrap()
+            .access_token,
+        vec![7]
+    );
+    assert!(
+        s.sealed_fields()
+            .await
+            .unwrap()
+            .iter()
+            .any(|f| f.table == "scoped_tokens")
+    );
+    s.revoke_account("cac_1", &audit("account.revoke"))
+        .await
+        .unwrap();
+    assert!(s.scoped_token("cac_1 a").await.unwrap().is_none());
+}
