@@ -20,7 +20,8 @@ use secrecy::SecretString;
 #[command(
     name = "latchkey",
     version,
-    about = "A self-hosted token vault for AI agents"
+    about = "A self-hosted token vault for AI agents",
+    after_help = "Examples:\n  latchkey demo    # try it: HTTPS on 127.0.0.1:8750 with a demo provider\n  latchkey serve --data-dir /var/lib/latchkey\n  latchkey agent add bot --public-key bot.pub.pem --json"
 )]
 struct Cli {
     #[command(flatten)]
@@ -50,19 +51,31 @@ enum Command {
     #[command(after_help = "Example:\n  latchkey demo")]
     Demo(ServeArgs),
     /// Manage users.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  echo 'a long password' | latchkey user add alice"
+    )]
     User(UserCmd),
     /// Manage connections (upstream providers).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  latchkey connection add demo-git --provider demo"
+    )]
     Connection(ConnectionCmd),
     /// Manage agents and their grants.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  latchkey agent grant agt_… --connection demo-git --scopes repo:read"
+    )]
     Agent(AgentCmd),
     /// Inspect and revoke connected accounts.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  latchkey account list --user alice"
+    )]
     Account(AccountCmd),
     /// Manage encryption keys.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example:\n  latchkey key rotate")]
     Key(KeyCmd),
     /// Agent side: sign a privileged-worker request with a key file and print the upstream token.
     #[command(
@@ -90,6 +103,7 @@ enum UserCmd {
         /// Create the user without a password (cannot sign in until `user passwd`).
         #[arg(long)]
         no_password: bool,
+        /// Print JSON (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -99,6 +113,7 @@ enum UserCmd {
     /// List users.
     #[command(after_help = "Example:\n  latchkey user list --json")]
     List {
+        /// Print JSON (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -141,6 +156,7 @@ enum ConnectionCmd {
     /// List connections.
     #[command(after_help = "Example:\n  latchkey connection list")]
     List {
+        /// Print JSON (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -163,6 +179,7 @@ enum AgentCmd {
         /// Also generate a client secret (printed once).
         #[arg(long)]
         secret: bool,
+        /// Print JSON (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -183,6 +200,7 @@ enum AgentCmd {
     /// List agents.
     #[command(after_help = "Example:\n  latchkey agent list --json")]
     List {
+        /// Print JSON (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -196,13 +214,17 @@ enum AccountCmd {
         /// Only this user's accounts (id or username).
         #[arg(long)]
         user: Option<String>,
+        /// Print JSON (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Revoke a connected account: the very next exchange fails; the provider is asked to
     /// revoke the refresh token too.
     #[command(after_help = "Example:\n  latchkey account revoke cac_…")]
-    Revoke { account: String },
+    Revoke {
+        /// The connected account id (`cac_…`, see `account list`).
+        account: String,
+    },
 }
 
 #[derive(Subcommand)]

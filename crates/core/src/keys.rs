@@ -108,6 +108,29 @@ impl KeyService {
         Ok(self.ring.read().expect("keyring lock").open(slot, blob)?)
     }
 
+    /// A server secret kept sealed in `server_secrets` (the client-secret pepper, the signing
+    /// key, the demo provider's client secret), made by `create` on first use. Concurrent first
+    /// uses agree on one value: the first insert wins and everyone reads it back.
+    pub async fn server_secret(
+        &self,
+        name: &str,
+        create: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let slot = Slot {
+            table: "server_secrets",
+            field: "value",
+            row: name,
+        };
+        let blob = match self.store.server_secret(name).await? {
+            Some(b) => b,
+            None => {
+                let sealed = self.seal(slot, &create());
+                self.store.init_server_secret(name, &sealed).await?
+            }
+        };
+        self.open(slot, &blob).await
+    }
+
     /// Open a sealed UTF-8 secret.
     pub async fn open_string(
         &self,

@@ -191,19 +191,9 @@ impl Vault {
         reload_kek: Option<Box<dyn Fn() -> Option<Kek> + Send + Sync>>,
     ) -> Result<Self, KeyError> {
         let keys = KeyService::unseal(store.clone(), kek, reload_kek, clock.now()).await?;
-        let slot = Slot {
-            table: "server_secrets",
-            field: "value",
-            row: PEPPER_NAME,
-        };
-        let blob = match store.server_secret(PEPPER_NAME).await? {
-            Some(b) => b,
-            None => {
-                let sealed = keys.seal(slot, &secrets::random_bytes(32));
-                store.init_server_secret(PEPPER_NAME, &sealed).await?
-            }
-        };
-        let pepper = keys.open(slot, &blob).await?;
+        let pepper = keys
+            .server_secret(PEPPER_NAME, || secrets::random_bytes(32))
+            .await?;
         Ok(Self {
             config,
             store,

@@ -9,7 +9,6 @@ use latchkey_core::Vault;
 use latchkey_core::catalog;
 use latchkey_core::scope::Scopes;
 use latchkey_core::vault::{Actor, NewConnection};
-use latchkey_crypto::envelope::Slot;
 use latchkey_crypto::jws::PublicKey;
 use latchkey_crypto::{Algorithm, keygen, secrets};
 use serde::{Deserialize, Serialize};
@@ -33,22 +32,13 @@ pub struct DemoInfo {
 
 /// The demo provider's client secret, shared by the provider and every `demo` connection.
 pub async fn demo_client_secret(vault: &Vault) -> Result<String> {
-    const NAME: &str = "demo_client_secret";
-    let slot = Slot {
-        table: "server_secrets",
-        field: "value",
-        row: NAME,
-    };
-    let blob = match vault.store().server_secret(NAME).await? {
-        Some(b) => b,
-        None => {
-            let sealed = vault.keys.seal(slot, secrets::random_token(32).as_bytes());
-            vault.store().init_server_secret(NAME, &sealed).await?
-        }
-    };
-    Ok(String::from_utf8(
-        vault.keys.open(slot, &blob).await?.to_vec(),
-    )?)
+    let secret = vault
+        .keys
+        .server_secret("demo_client_secret", || {
+            secrets::random_token(32).into_bytes()
+        })
+        .await?;
+    Ok(String::from_utf8(secret.to_vec())?)
 }
 
 /// A `demo` connection (used by `connection add --provider demo` and by [`seed`]).

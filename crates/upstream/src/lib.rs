@@ -59,21 +59,12 @@ impl HttpUpstream {
         ep: &Endpoints,
         form: &[(&str, &str)],
     ) -> Result<UpstreamTokens, UpstreamError> {
-        let mut req = self
+        let req = self
             .client
             .post(&ep.token_url)
             .header("Accept", "application/json");
-        // client_secret_basic when there is a secret (RFC 6749 §2.3.1), else a public client.
         let mut body: Vec<(&str, &str)> = form.to_vec();
-        match &ep.client_secret {
-            Some(secret) => {
-                req = req.basic_auth(
-                    form_encode(&ep.client_id),
-                    Some(form_encode(secret.expose_secret())),
-                )
-            }
-            None => body.push(("client_id", &ep.client_id)),
-        }
+        let req = client_auth(req, ep, &mut body);
         let resp = req.form(&body).send().await.map_err(transport_error)?;
         let status = resp.status();
         let retry_after = retry_after(&resp);
@@ -99,6 +90,25 @@ impl HttpUpstream {
             None => Err(UpstreamError::Protocol(format!(
                 "token endpoint answered {status}"
             ))),
+        }
+    }
+}
+
+/// Authenticate as the vault's client: `client_secret_basic` when there is a secret (its parts
+/// form-encoded first, RFC 6749 §2.3.1), else a public client naming itself in the body.
+fn client_auth<'a>(
+    req: reqwest::RequestBuilder,
+    ep: &'a Endpoints,
+    body: &mut Vec<(&str, &'a str)>,
+) -> reqwest::RequestBuilder {
+    match &ep.client_secret {
+        Some(secret) => req.basic_auth(
+            form_encode(&ep.client_id),
+            Some(form_encode(secret.expose_secret())),
+        ),
+        None => {
+            body.push(("client_id", &ep.client_id));
+            req
         }
     }
 }
@@ -237,17 +247,9 @@ impl Upstream for HttpUpstream {
         let Some(url) = &ep.revoke_url else {
             return Ok(());
         };
-        let mut req = self.client.post(url);
+        let req = self.client.post(url);
         let mut body = vec![("token", token.expose_secret()), ("token_type_hint", hint)];
-        match &ep.client_secret {
-            Some(secret) => {
-                req = req.basic_auth(
-                    form_encode(&ep.client_id),
-                    Some(form_encode(secret.expose_secret())),
-                )
-            }
-            None => body.push(("client_id", &ep.client_id)),
-        }
+        let req = client_auth(req, ep, &mut body);
         let resp = req.form(&body).send().await.map_err(transport_error)?;
         let status = resp.status();
         if status.is_success() {

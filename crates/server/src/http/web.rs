@@ -3,12 +3,12 @@
 //! the session cookie is `HttpOnly`, `SameSite=Lax` and `Secure` over TLS; the login form
 //! carries a double-submit CSRF token; every value placed in HTML is escaped.
 
-use axum::extract::{Extension, Form, Path, Query, State};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use super::{AppState, RequestMeta};
+use super::AppState;
 
 const SESSION: &str = "latchkey_session";
 const CSRF: &str = "latchkey_csrf";
@@ -263,7 +263,6 @@ pub struct CallbackQuery {
 
 pub async fn connect_callback(
     State(s): State<AppState>,
-    Extension(_meta): Extension<RequestMeta>,
     headers: HeaderMap,
     Query(q): Query<CallbackQuery>,
 ) -> Response {

@@ -95,6 +95,21 @@ impl SqliteStore {
         tx.commit().await.map_err(unavailable)
     }
 
+    /// The row matching one key, mapped.
+    async fn find<T>(
+        &self,
+        sql: &'static str,
+        key: &str,
+        map: impl Fn(&SqliteRow) -> T,
+    ) -> StoreResult<Option<T>> {
+        let row = sqlx::query(sql)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(map))
+    }
+
     async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         self.pool
             .begin_with("BEGIN IMMEDIATE")
@@ -290,12 +305,12 @@ impl Store for SqliteStore {
     }
 
     async fn server_secret(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
-        let row = sqlx::query("SELECT value FROM server_secrets WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(row.map(|r| r.get("value")))
+        self.find(
+            "SELECT value FROM server_secrets WHERE name = ?",
+            name,
+            |r| r.get("value"),
+        )
+        .await
     }
 
     async fn init_server_secret(&self, name: &str, sealed: &[u8]) -> StoreResult<Vec<u8>> {
@@ -381,21 +396,13 @@ impl Store for SqliteStore {
     }
 
     async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query("SELECT * FROM users WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
+        self.find("SELECT * FROM users WHERE id = ?", id, user_row)
             .await
-            .map_err(unavailable)?;
-        Ok(row.as_ref().map(user_row))
     }
 
     async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query("SELECT * FROM users WHERE username = ?")
-            .bind(username)
-            .fetch_optional(&self.pool)
+        self.find("SELECT * FROM users WHERE username = ?", username, user_row)
             .await
-            .map_err(unavailable)?;
-        Ok(row.as_ref().map(user_row))
     }
 
     async fn set_password(
@@ -453,21 +460,17 @@ impl Store for SqliteStore {
     }
 
     async fn connection_by_name(&self, name: &str) -> StoreResult<Option<Connection>> {
-        let row = sqlx::query("SELECT * FROM connections WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(row.as_ref().map(connection_row))
+        self.find(
+            "SELECT * FROM connections WHERE name = ?",
+            name,
+            connection_row,
+        )
+        .await
     }
 
     async fn connection_by_id(&self, id: &str) -> StoreResult<Option<Connection>> {
-        let row = sqlx::query("SELECT * FROM connections WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
+        self.find("SELECT * FROM connections WHERE id = ?", id, connection_row)
             .await
-            .map_err(unavailable)?;
-        Ok(row.as_ref().map(connection_row))
     }
 
     async fn list_connections(&self) -> StoreResult<Vec<Connection>> {
@@ -521,12 +524,12 @@ impl Store for SqliteStore {
     }
 
     async fn account_by_id(&self, id: &str) -> StoreResult<Option<ConnectedAccount>> {
-        let row = sqlx::query("SELECT * FROM connected_accounts WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(row.as_ref().map(account_row))
+        self.find(
+            "SELECT * FROM connected_accounts WHERE id = ?",
+            id,
+            account_row,
+        )
+        .await
     }
 
     async fn accounts_for(
@@ -614,18 +617,16 @@ impl Store for SqliteStore {
     }
 
     async fn scoped_token(&self, id: &str) -> StoreResult<Option<ScopedToken>> {
-        let row = sqlx::query("SELECT * FROM scoped_tokens WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(row.map(|r| ScopedToken {
-            id: r.get("id"),
-            account_id: r.get("account_id"),
-            scopes: Scopes::parse(r.get::<&str, _>("scopes")),
-            access_token: r.get("access_token"),
-            expires_at: r.get("expires_at"),
-        }))
+        self.find("SELECT * FROM scoped_tokens WHERE id = ?", id, |r| {
+            ScopedToken {
+                id: r.get("id"),
+                account_id: r.get("account_id"),
+                scopes: Scopes::parse(r.get::<&str, _>("scopes")),
+                access_token: r.get("access_token"),
+                expires_at: r.get("expires_at"),
+            }
+        })
+        .await
     }
 
     async fn store_scoped_token(
@@ -728,21 +729,17 @@ impl Store for SqliteStore {
     }
 
     async fn agent_by_id(&self, id: &str) -> StoreResult<Option<Agent>> {
-        let row = sqlx::query("SELECT * FROM agents WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
+        self.find("SELECT * FROM agents WHERE id = ?", id, agent_row)
             .await
-            .map_err(unavailable)?;
-        Ok(row.as_ref().map(agent_row))
     }
 
     async fn agent_by_secret_hash(&self, hash: &str) -> StoreResult<Option<Agent>> {
-        let row = sqlx::query("SELECT * FROM agents WHERE secret_hash = ?")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(row.as_ref().map(agent_row))
+        self.find(
+            "SELECT * FROM agents WHERE secret_hash = ?",
+            hash,
+            agent_row,
+        )
+        .await
     }
 
     async fn agent_keys(&self, agent_id: &str) -> StoreResult<Vec<AgentKey>> {
