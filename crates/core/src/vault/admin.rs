@@ -1,0 +1,380 @@
+//! Users, sessions and the registry: what the CLI (and later the admin API and dashboard)
+//! change, each change with its audit entry.
+
+use super::*;
+
+impl Vault {
+    pub async fn add_user(
+        &self,
+        username: &str,
+        password: Option<&str>,
+        actor: &Actor,
+    ) -> Result<User, AdminError> {
+        validate_name("username", username)?;
+        let password_hash = match password {
+            Some(p) => Some(hash_password(p).await?),
+            None => None,
+        };
+        let user = User {
+            id: secrets::random_id("usr"),
+            username: username.to_owned(),
+            password_hash,
+            created_at: self.now(),
+        };
+        let audit = AuditRecord {
+            subject_user: Some(user.id.clone()),
+            ..self.audit(actor, "user.create")
+        };
+        self.store.insert_user(&user, &audit).await?;
+        Ok(user)
+    }
+
+    pub async fn set_password(
+        &self,
+        user_ref: &str,
+        password: &str,
+        actor: &Actor,
+    ) -> Result<User, AdminError> {
+        let user = self.find_user(user_ref).await?;
+        let hash = hash_password(password).await?;
+        let audit = AuditRecord {
+            subject_user: Some(user.id.clone()),
+            ..self.audit(actor, "user.password")
+        };
+        self.store.set_password(&user.id, &hash, &audit).await?;
+        Ok(user)
+    }
+
+    /// A user by id or username.
+    pub async fn find_user(&self, user_ref: &str) -> Result<User, AdminError> {
+        if let Some(u) = self.store.user_by_id(user_ref).await? {
+            return Ok(u);
+        }
+        self.store
+            .user_by_username(user_ref)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(format!("no user `{user_ref}`")))
+    }
+
+    /// Check a password; spends the same Argon2 time whether or not the user exists.
+    pub async fn login(&self, username: &str, password: &str) -> Result<Option<User>, OAuthError> {
+        let user = self
+            .store
+            .user_by_username(username)
+            .await
+            .map_err(store_err)?;
+        let hash = user
+            .as_ref()
+            .and_then(|u| u.password_hash.clone())
+            .unwrap_or_else(|| latchkey_crypto::password::dummy_hash().to_owned());
+        let password = Zeroizing::new(password.to_owned());
+        let ok = tokio::task::spawn_blocking(move || {
+            latchkey_crypto::password::verify_password(&password, &hash)
+        })
+        .await
+        .unwrap_or(false);
+        let ok = ok && user.as_ref().is_some_and(|u| u.password_hash.is_some());
+        let audit = AuditRecord {
+            subject_user: user.as_ref().map(|u| u.id.clone()),
+            decision: if ok { "allow" } else { "deny" }.into(),
+            reason: (!ok).then(|| "wrong username or password".into()),
+            ..self.audit(
+                &Actor {
+                    kind: "user",
+                    id: username.chars().take(64).collect(),
+                    method: "password",
+                },
+                "user.login",
+            )
+        };
+        self.store.append_audit(&audit).await.map_err(store_err)?;
+        Ok(if ok { user } else { None })
+    }
+
+    /// Create a browser session; returns the cookie value (stored only as a hash).
+    pub async fn create_session(&self, user_id: &str) -> Result<String, OAuthError> {
+        let token = secrets::random_token(32);
+        self.store
+            .insert_session(
+                &secrets::sha256_b64(token.as_bytes()),
+                user_id,
+                self.now() + self.config.session_ttl,
+            )
+            .await
+            .map_err(store_err)?;
+        Ok(token)
+    }
+
+    pub async fn session_user(&self, token: &str) -> Result<Option<String>, OAuthError> {
+        self.store
+            .session_user(&secrets::sha256_b64(token.as_bytes()), self.now())
+            .await
+            .map_err(store_err)
+    }
+
+    pub async fn end_session(&self, token: &str) -> Result<(), OAuthError> {
+        self.store
+            .delete_session(&secrets::sha256_b64(token.as_bytes()))
+            .await
+            .map_err(store_err)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Registry administration (CLI, later the admin API and dashboard)
+    // ---------------------------------------------------------------------------------------
+
+    pub async fn add_connection(
+        &self,
+        new: NewConnection,
+        actor: &Actor,
+    ) -> Result<Connection, AdminError> {
+        validate_name("connection name", &new.name)?;
+        if !catalog::known_provider(&new.provider) {
+            return Err(AdminError::Invalid(format!(
+                "unknown provider `{}` (known: demo, oauth2)",
+                new.provider
+            )));
+        }
+        if new.provider == catalog::GENERIC {
+            for (what, u) in [
+                ("authorize URL", &new.authorize_url),
+                ("token URL", &new.token_url),
+            ] {
+                let parsed = url::Url::parse(u)
+                    .map_err(|_| AdminError::Invalid(format!("{what} `{u}` is not a URL")))?;
+                if parsed.scheme() != "https" && !is_loopback_host(&parsed) {
+                    return Err(AdminError::Invalid(format!("{what} must use https")));
+                }
+            }
+        }
+        let id = secrets::random_id("con");
+        let client_secret = new.client_secret.as_ref().map(|s| {
+            self.keys.seal(
+                Slot {
+                    table: "connections",
+                    field: "client_secret",
+                    row: &id,
+                },
+                s.expose_secret().as_bytes(),
+            )
+        });
+        let conn = Connection {
+            id,
+            name: new.name,
+            provider: new.provider,
+            client_id: new.client_id,
+            client_secret,
+            authorize_url: new.authorize_url,
+            token_url: new.token_url,
+            revoke_url: new.revoke_url,
+            userinfo_url: new.userinfo_url,
+            api_base_url: new.api_base_url,
+            scopes: new.scopes,
+            created_at: self.now(),
+        };
+        let audit = AuditRecord {
+            connection: Some(conn.name.clone()),
+            ..self.audit(actor, "connection.create")
+        };
+        self.store.insert_connection(&conn, &audit).await?;
+        Ok(conn)
+    }
+
+    /// Register an agent with public keys and, if asked, a generated client secret (returned
+    /// once, stored only as an HMAC).
+    pub async fn add_agent(
+        &self,
+        name: &str,
+        keys: &[PublicKey],
+        with_secret: bool,
+        actor: &Actor,
+    ) -> Result<(Agent, Option<SecretString>), AdminError> {
+        validate_name("agent name", name)?;
+        if keys.is_empty() && !with_secret {
+            return Err(AdminError::Invalid(
+                "an agent needs a public key or a client secret".into(),
+            ));
+        }
+        let secret = with_secret.then(|| secrets::random_token(32));
+        let agent = Agent {
+            id: secrets::random_id("agt"),
+            name: name.to_owned(),
+            secret_hash: secret.as_deref().map(|s| self.secret_hash(s)),
+            disabled: false,
+            created_at: self.now(),
+        };
+        let rows: Vec<AgentKey> = keys
+            .iter()
+            .map(|k| AgentKey {
+                agent_id: agent.id.clone(),
+                kid: k.kid.clone(),
+                alg: latchkey_crypto::jws::alg_name(k.alg).into(),
+                jwk: k.to_jwk_json(),
+                created_at: agent.created_at,
+            })
+            .collect();
+        let audit = AuditRecord {
+            reason: Some(format!("{} key(s), secret: {with_secret}", rows.len())),
+            ..self.audit(actor, "agent.create")
+        };
+        self.store.insert_agent(&agent, &rows, &audit).await?;
+        Ok((agent, secret.map(SecretString::from)))
+    }
+
+    /// Allow an agent `scopes` on a connection (replacing an earlier grant).
+    pub async fn grant(
+        &self,
+        agent_id: &str,
+        connection: &str,
+        scopes: Scopes,
+        ip_allowlist: Vec<String>,
+        actor: &Actor,
+    ) -> Result<Grant, AdminError> {
+        let agent = self
+            .store
+            .agent_by_id(agent_id)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(format!("no agent `{agent_id}`")))?;
+        let conn = self
+            .store
+            .connection_by_name(connection)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(format!("no connection `{connection}`")))?;
+        if scopes.is_empty() {
+            return Err(AdminError::Invalid(
+                "a grant needs at least one scope".into(),
+            ));
+        }
+        for entry in &ip_allowlist {
+            parse_cidr(entry).ok_or_else(|| {
+                AdminError::Invalid(format!("`{entry}` is not an IP address or CIDR block"))
+            })?;
+        }
+        let grant = Grant {
+            agent_id: agent.id,
+            connection_id: conn.id,
+            scopes,
+            ip_allowlist,
+            created_at: self.now(),
+        };
+        let audit = AuditRecord {
+            connection: Some(conn.name),
+            scopes: Some(grant.scopes.to_string_spaced()),
+            reason: Some(format!("grant to {}", grant.agent_id)),
+            ..self.audit(actor, "grant.upsert")
+        };
+        self.store.upsert_grant(&grant, &audit).await?;
+        Ok(grant)
+    }
+
+    /// Revoke a connected account: exchanges stop at once (the row is revoked and its tokens
+    /// erased in one commit), then the provider is asked to revoke the refresh token.
+    pub async fn revoke_account(
+        &self,
+        account_id: &str,
+        actor: &Actor,
+    ) -> Result<RevokeOutcome, AdminError> {
+        let account =
+            self.store.account_by_id(account_id).await?.ok_or_else(|| {
+                AdminError::NotFound(format!("no connected account `{account_id}`"))
+            })?;
+        let conn = self.store.connection_by_id(&account.connection_id).await?;
+        let refresh = match &account.refresh_token {
+            Some(b) => self
+                .keys
+                .open_string(account_slot(&account.id, "refresh_token"), b)
+                .await
+                .ok(),
+            None => None,
+        };
+        let audit = AuditRecord {
+            subject_user: Some(account.user_id.clone()),
+            connection: conn.as_ref().map(|c| c.name.clone()),
+            account_id: Some(account.id.clone()),
+            ..self.audit(actor, "account.revoke")
+        };
+        self.store.revoke_account(&account.id, &audit).await?;
+        let mut upstream_revoked = false;
+        if let (Some(conn), Some(refresh)) = (conn, refresh)
+            && let Ok(ep) = self.endpoints(&conn).await
+            && ep.revoke_url.is_some()
+        {
+            match self.upstream.revoke(&ep, &refresh, "refresh_token").await {
+                Ok(()) => upstream_revoked = true,
+                Err(e) => {
+                    tracing::warn!(account = %account.id, error = %e, "provider revocation failed")
+                }
+            }
+        }
+        Ok(RevokeOutcome { upstream_revoked })
+    }
+
+    /// Rotate the data key and re-seal every stored secret (online).
+    pub async fn rotate_data_key(&self) -> Result<crate::keys::RotationReport, KeyError> {
+        self.keys.rotate_data_key(self.now()).await
+    }
+}
+
+/// What `revoke_account` achieved beyond the local revocation.
+#[derive(Debug, Clone, Copy)]
+pub struct RevokeOutcome {
+    pub upstream_revoked: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(what) => AdminError::Conflict(format!("{what} already exists")),
+            StoreError::NotFound => AdminError::NotFound("not found".into()),
+            StoreError::Unavailable(d) => AdminError::Storage(d),
+        }
+    }
+}
+
+async fn hash_password(password: &str) -> Result<String, AdminError> {
+    if password.chars().count() < 8 {
+        return Err(AdminError::Invalid(
+            "passwords need at least 8 characters".into(),
+        ));
+    }
+    let p = Zeroizing::new(password.to_owned());
+    tokio::task::spawn_blocking(move || latchkey_crypto::password::hash_password(&p))
+        .await
+        .map_err(|_| AdminError::Storage("password hashing failed".into()))
+}
+
+fn validate_name(what: &str, name: &str) -> Result<(), AdminError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::Invalid(format!(
+            "{what} must be 1–64 characters of letters, digits, - _ . @"
+        )))
+    }
+}
+
+fn is_loopback_host(u: &url::Url) -> bool {
+    match u.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}

@@ -1,0 +1,185 @@
+//! Connecting an account: authorization code + PKCE towards the provider.
+
+use super::*;
+
+impl Vault {
+    /// Start connecting `connection` for `user_id`; returns the provider's authorize URL.
+    pub async fn connect_start(
+        &self,
+        user_id: &str,
+        connection: &str,
+    ) -> Result<String, OAuthError> {
+        let conn = self
+            .store
+            .connection_by_name(connection)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                OAuthError::invalid_request(format!("connection `{connection}` does not exist"))
+            })?;
+        let ep = self.endpoints(&conn).await?;
+        let state = secrets::random_token(32);
+        let verifier = secrets::random_token(32);
+        let challenge = secrets::sha256_b64(verifier.as_bytes());
+        let state_hash = secrets::sha256_b64(state.as_bytes());
+        let redirect_uri = self.config.connect_redirect_uri();
+        let flow = ConnectFlow {
+            code_verifier: self.keys.seal(
+                Slot {
+                    table: "connect_flows",
+                    field: "code_verifier",
+                    row: &state_hash,
+                },
+                verifier.as_bytes(),
+            ),
+            state_hash,
+            user_id: user_id.to_owned(),
+            connection_id: conn.id.clone(),
+            redirect_uri: redirect_uri.clone(),
+            expires_at: self.now() + self.config.connect_flow_ttl,
+        };
+        self.store
+            .insert_connect_flow(&flow)
+            .await
+            .map_err(store_err)?;
+        let mut url = url_with_query(
+            &ep.authorize_url,
+            &[
+                ("response_type", "code"),
+                ("client_id", &ep.client_id),
+                ("redirect_uri", &redirect_uri),
+                ("scope", &conn.scopes.to_string_spaced()),
+                ("state", &state),
+                ("code_challenge", &challenge),
+                ("code_challenge_method", "S256"),
+            ],
+        );
+        if conn.scopes.is_empty() {
+            url = url.replace("&scope=&", "&");
+        }
+        Ok(url)
+    }
+
+    /// Finish a connect flow for the signed-in `user_id` with the provider's `code`.
+    pub async fn connect_finish(
+        &self,
+        user_id: &str,
+        state: &str,
+        code: &str,
+    ) -> Result<ConnectedAccount, OAuthError> {
+        let state_hash = secrets::sha256_b64(state.as_bytes());
+        let flow = self
+            .store
+            .take_connect_flow(&state_hash, self.now())
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                OAuthError::invalid_request("unknown or expired connect request; start again")
+            })?;
+        if flow.user_id != user_id {
+            return Err(OAuthError::invalid_request(
+                "this connect request was started by another user",
+            ));
+        }
+        let conn = self
+            .store
+            .connection_by_id(&flow.connection_id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| OAuthError::invalid_request("the connection was removed"))?;
+        let verifier = self
+            .keys
+            .open_string(
+                Slot {
+                    table: "connect_flows",
+                    field: "code_verifier",
+                    row: &state_hash,
+                },
+                &flow.code_verifier,
+            )
+            .await
+            .map_err(key_err)?;
+        let ep = self.endpoints(&conn).await?;
+        let tokens = self
+            .upstream
+            .exchange_code(&ep, code, verifier.expose_secret(), &flow.redirect_uri)
+            .await
+            .map_err(|e| match e {
+                UpstreamError::InvalidGrant(why) => {
+                    OAuthError::invalid_grant(format!("{} refused the code: {why}", conn.name))
+                }
+                other => OAuthError::upstream_unavailable(format!("{}: {other}", conn.name), 5),
+            })?;
+        let upstream_account_id = match &ep.userinfo_url {
+            Some(url) => match self.upstream.userinfo(url, &tokens.access_token).await {
+                Ok(info) => ["id", "sub", "login"]
+                    .iter()
+                    .find_map(|k| match info.get(*k) {
+                        Some(serde_json::Value::String(s)) => Some(s.clone()),
+                        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                        _ => None,
+                    }),
+                Err(e) => {
+                    tracing::warn!(connection = %conn.name, error = %e, "could not read the upstream account id");
+                    None
+                }
+            },
+            None => None,
+        };
+        let now = self.now();
+        let existing = self
+            .store
+            .accounts_for(user_id, &conn.id)
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .find(|a| a.upstream_account_id == upstream_account_id);
+        let base = existing.unwrap_or_else(|| ConnectedAccount {
+            id: secrets::random_id("cac"),
+            user_id: user_id.to_owned(),
+            connection_id: conn.id.clone(),
+            upstream_account_id: upstream_account_id.clone(),
+            scopes: Scopes::default(),
+            access_token: None,
+            access_expires_at: None,
+            refresh_token: None,
+            status: AccountStatus::Active,
+            created_at: now,
+            updated_at: now,
+            last_used_at: None,
+            token_version: 0,
+        });
+        let mut account = self.apply_tokens(base, tokens, Some(&conn.scopes));
+        account.status = AccountStatus::Active;
+        let audit = AuditRecord {
+            subject_user: Some(user_id.to_owned()),
+            connection: Some(conn.name.clone()),
+            account_id: Some(account.id.clone()),
+            scopes: Some(account.scopes.to_string_spaced()),
+            ..self.audit(&Actor::user(user_id), "account.connect")
+        };
+        let id = self
+            .store
+            .upsert_account(&account, &audit)
+            .await
+            .map_err(store_err)?;
+        account.id = id;
+        Ok(account)
+    }
+}
+
+fn url_with_query(base: &str, pairs: &[(&str, &str)]) -> String {
+    let mut s = String::from(base);
+    s.push(if base.contains('?') { '&' } else { '?' });
+    let encoded: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k}={}",
+                url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()
+            )
+        })
+        .collect();
+    s.push_str(&encoded.join("&"));
+    s
+}

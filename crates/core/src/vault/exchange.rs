@@ -1,0 +1,586 @@
+//! The token endpoint: client authentication, the privileged-worker subject token, and the
+//! release decision.
+
+use super::*;
+
+struct AuthenticatedClient {
+    agent: Agent,
+    method: &'static str,
+    keys: Option<Vec<PublicKey>>,
+    assertion_jti: Option<JtiUse>,
+}
+
+impl Vault {
+    /// `POST /oauth/token`.
+    pub async fn token(
+        &self,
+        params: &Params,
+        basic: Option<BasicCredentials>,
+        ctx: &RequestContext,
+    ) -> Result<TokenResponse, OAuthError> {
+        let result = self.token_inner(params, basic, ctx).await;
+        let outcome = match &result {
+            Ok(_) => "released",
+            Err(e) => e.code,
+        };
+        metrics::counter!("latchkey_exchanges_total", "outcome" => outcome).increment(1);
+        result
+    }
+
+    async fn token_inner(
+        &self,
+        params: &Params,
+        basic: Option<BasicCredentials>,
+        ctx: &RequestContext,
+    ) -> Result<TokenResponse, OAuthError> {
+        let grant_type = params.require("grant_type")?;
+        let client = self.authenticate_client(params, basic).await?;
+        if let Err(retry_after) = self.rate.check(
+            &client.agent.id,
+            self.config.agent_requests_per_minute,
+            self.now(),
+        ) {
+            return Err(OAuthError::too_many_requests(
+                format!(
+                    "agent {} exceeded {} token requests per minute",
+                    client.agent.id, self.config.agent_requests_per_minute
+                ),
+                retry_after,
+            ));
+        }
+        if grant_type != GRANT_TOKEN_VAULT {
+            return Err(OAuthError::unsupported_grant_type(format!(
+                "grant_type `{grant_type}` is not supported; use {GRANT_TOKEN_VAULT}"
+            )));
+        }
+        self.token_vault_exchange(params, client, ctx).await
+    }
+
+    async fn authenticate_client(
+        &self,
+        params: &Params,
+        basic: Option<BasicCredentials>,
+    ) -> Result<AuthenticatedClient, OAuthError> {
+        let body_secret = params.get("client_secret");
+        let assertion = params.get("client_assertion");
+        let methods = [basic.is_some(), body_secret.is_some(), assertion.is_some()];
+        match methods.iter().filter(|m| **m).count() {
+            0 => {
+                return Err(OAuthError::invalid_client(
+                    "client authentication is required (client_secret, HTTP Basic, or private_key_jwt)",
+                ));
+            }
+            1 => {}
+            _ => {
+                return Err(OAuthError::invalid_request(
+                    "use exactly one client authentication method",
+                ));
+            }
+        }
+        let client_id = params.get("client_id");
+        if let Some(basic) = basic {
+            if client_id.is_some_and(|id| id != basic.client_id) {
+                return Err(OAuthError::invalid_client(
+                    "client_id does not match the Basic credentials",
+                ));
+            }
+            return self
+                .secret_client(
+                    Some(&basic.client_id),
+                    basic.client_secret.expose_secret(),
+                    "client_secret_basic",
+                )
+                .await;
+        }
+        if let Some(secret) = body_secret {
+            return self
+                .secret_client(client_id, secret, "client_secret_post")
+                .await;
+        }
+        let assertion = assertion.unwrap_or_default();
+        if params.get("client_assertion_type") != Some(ASSERTION_TYPE_JWT_BEARER) {
+            return Err(OAuthError::invalid_client(format!(
+                "client_assertion_type must be {ASSERTION_TYPE_JWT_BEARER}"
+            )));
+        }
+        self.assertion_client(client_id, assertion).await
+    }
+
+    async fn secret_client(
+        &self,
+        client_id: Option<&str>,
+        secret: &str,
+        method: &'static str,
+    ) -> Result<AuthenticatedClient, OAuthError> {
+        let bad = || OAuthError::invalid_client("unknown client or wrong client secret");
+        let agent = self
+            .store
+            .agent_by_secret_hash(&self.secret_hash(secret))
+            .await
+            .map_err(store_err)?
+            .ok_or_else(bad)?;
+        if client_id.is_some_and(|id| id != agent.id) || agent.disabled {
+            return Err(bad());
+        }
+        Ok(AuthenticatedClient {
+            agent,
+            method,
+            keys: None,
+            assertion_jti: None,
+        })
+    }
+
+    async fn agent_public_keys(&self, agent_id: &str) -> Result<Vec<PublicKey>, OAuthError> {
+        let rows = self.store.agent_keys(agent_id).await.map_err(store_err)?;
+        Ok(rows
+            .iter()
+            .filter_map(|k| match PublicKey::from_jwk_json(&k.jwk) {
+                Ok(pk) => Some(pk),
+                Err(e) => {
+                    tracing::error!(agent = agent_id, kid = %k.kid, error = %e, "stored agent key is unusable");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    async fn assertion_client(
+        &self,
+        client_id: Option<&str>,
+        assertion: &str,
+    ) -> Result<AuthenticatedClient, OAuthError> {
+        let bad =
+            |why: &str| OAuthError::invalid_client(format!("client assertion rejected: {why}"));
+        let iss = peek_str_claim(assertion, "iss").ok_or_else(|| bad("no readable `iss` claim"))?;
+        if client_id.is_some_and(|id| id != iss) {
+            return Err(bad("`iss` is not the client_id"));
+        }
+        let agent = self
+            .store
+            .agent_by_id(&iss)
+            .await
+            .map_err(store_err)?
+            .filter(|a| !a.disabled)
+            .ok_or_else(|| bad("unknown client"))?;
+        let keys = self.agent_public_keys(&agent.id).await?;
+        let claims =
+            verify_jws(assertion, TypRule::JwtOrAbsent, &keys).map_err(|e| bad(&jws_reason(&e)))?;
+        let now = self.now();
+        let check = || -> Result<JtiUse, String> {
+            let c = &claims;
+            if c.str("iss").map_err(|e| e.to_string())? != agent.id
+                || c.str("sub").map_err(|e| e.to_string())? != agent.id
+            {
+                return Err("`iss` and `sub` must both be the client id".into());
+            }
+            c.audience_is(&self.config.issuer)
+                .map_err(|e| e.to_string())?;
+            let exp = c.int("exp").map_err(|e| e.to_string())?;
+            if exp <= now {
+                return Err("expired".into());
+            }
+            if exp - now > self.config.max_assertion_lifetime + self.config.future_skew {
+                return Err(format!(
+                    "lifetime exceeds {} seconds",
+                    self.config.max_assertion_lifetime
+                ));
+            }
+            self.not_in_future(c)?;
+            let jti = valid_jti(c)?;
+            Ok(JtiUse {
+                key: format!("assertion:{}:{jti}", agent.id),
+                expires_at: exp + self.config.future_skew,
+            })
+        };
+        let jti = check().map_err(|why| bad(&why))?;
+        Ok(AuthenticatedClient {
+            agent,
+            method: "private_key_jwt",
+            keys: Some(keys),
+            assertion_jti: Some(jti),
+        })
+    }
+
+    fn not_in_future(&self, c: &Claims) -> Result<(), String> {
+        let limit = self.now() + self.config.future_skew;
+        for name in ["iat", "nbf"] {
+            if c.opt_int(name)
+                .map_err(|e| e.to_string())?
+                .is_some_and(|t| t > limit)
+            {
+                return Err(format!("`{name}` is in the future"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn token_vault_exchange(
+        &self,
+        params: &Params,
+        client: AuthenticatedClient,
+        ctx: &RequestContext,
+    ) -> Result<TokenResponse, OAuthError> {
+        let subject_token = params.require("subject_token")?;
+        let subject_type = params.require("subject_token_type")?;
+        let requested = params.require("requested_token_type")?;
+        let issued_token_type = match requested {
+            TOKEN_TYPE_VAULT_ACCESS => TOKEN_TYPE_VAULT_ACCESS,
+            TOKEN_TYPE_FEDERATED_ACCESS => TOKEN_TYPE_FEDERATED_ACCESS,
+            other => {
+                return Err(OAuthError::invalid_request(format!(
+                    "requested_token_type `{other}` is not supported; use {TOKEN_TYPE_VAULT_ACCESS}"
+                )));
+            }
+        };
+        let connection_name = params.require("connection")?;
+        if params.get("actor_token").is_some() || params.get("actor_token_type").is_some() {
+            return Err(OAuthError::invalid_request(
+                "actor tokens are not supported",
+            ));
+        }
+        if params.get("audience").is_some_and(|a| a != "None") || params.get("resource").is_some() {
+            return Err(OAuthError::invalid_target(
+                "audience and resource are not used by this grant",
+            ));
+        }
+        match subject_type {
+            TOKEN_TYPE_JWT => {}
+            TOKEN_TYPE_REFRESH | TOKEN_TYPE_ACCESS => {
+                return Err(OAuthError::invalid_request(format!(
+                    "subject_token_type `{subject_type}` is not supported yet; privileged workers use {TOKEN_TYPE_JWT}"
+                )));
+            }
+            other => {
+                return Err(OAuthError::invalid_request(format!(
+                    "unknown subject_token_type `{other}`"
+                )));
+            }
+        }
+
+        // The subject token: signed by this agent's key, for this vault, fresh and single-use.
+        let agent = &client.agent;
+        let keys = match client.keys {
+            Some(k) => k,
+            None => self.agent_public_keys(&agent.id).await?,
+        };
+        let claims =
+            verify_jws(subject_token, TypRule::Exactly(SUBJECT_JWT_TYP), &keys).map_err(|e| {
+                OAuthError::invalid_grant(format!("subject_token rejected: {}", jws_reason(&e)))
+            })?;
+        let subject = self
+            .check_subject(&claims, &agent.id)
+            .map_err(|why| OAuthError::invalid_grant(format!("subject_token rejected: {why}")))?;
+
+        // Policy: deny unless a grant covers (agent, connection, scopes) and the address.
+        let connection = self
+            .store
+            .connection_by_name(connection_name)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                OAuthError::invalid_request(format!(
+                    "connection `{connection_name}` does not exist"
+                ))
+            })?;
+        let grant = self
+            .store
+            .grant_for(&agent.id, &connection.id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                OAuthError::unauthorized_client(format!(
+                    "agent {} has no grant for connection {connection_name}",
+                    agent.id
+                ))
+            })?;
+        if !grant.ip_allowlist.is_empty()
+            && !ctx
+                .client_ip
+                .is_some_and(|ip| ip_allowed(ip, &grant.ip_allowlist))
+        {
+            return Err(OAuthError::unauthorized_client(
+                "the request comes from an address the grant does not allow",
+            ));
+        }
+        let wanted = match params.get("scope") {
+            Some(s) => {
+                let s = Scopes::parse(s);
+                if s.is_empty() {
+                    return Err(OAuthError::invalid_scope("scope is empty"));
+                }
+                if !s.is_subset(&grant.scopes) {
+                    return Err(OAuthError::invalid_scope(format!(
+                        "scope outside the agent's grant: {}",
+                        s.missing_from(&grant.scopes).join(" ")
+                    )));
+                }
+                s
+            }
+            None => grant.scopes.clone(),
+        };
+
+        let user = self
+            .store
+            .user_by_id(&subject.user_id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                OAuthError::invalid_grant(format!(
+                    "subject_token names an unknown user `{}`",
+                    subject.user_id
+                ))
+            })?;
+        let account = self
+            .pick_account(&user.id, &connection, params.get("login_hint"))
+            .await?;
+        let scope = if params.get("scope").is_some() {
+            if !wanted.is_subset(&account.scopes) {
+                return Err(OAuthError::invalid_scope(format!(
+                    "the user has not consented to {}; they must reconnect {connection_name} at {}",
+                    wanted.missing_from(&account.scopes).join(" "),
+                    self.config.connect_uri(connection_name)
+                )));
+            }
+            wanted
+        } else {
+            let s = wanted.intersection(&account.scopes);
+            if s.is_empty() {
+                return Err(OAuthError::invalid_scope(format!(
+                    "none of the granted scopes were consented by the user; they must reconnect {connection_name}"
+                )));
+            }
+            s
+        };
+
+        let (access_token, expires_at) = self
+            .fresh_access_token(account.clone(), &connection, &scope)
+            .await?;
+        let now = self.now();
+        let expires_in = match expires_at {
+            Some(t) => (t - now).max(1),
+            None => self.config.non_expiring_ttl,
+        };
+
+        let mut jtis = Vec::with_capacity(2);
+        let assertion_index = client.assertion_jti.as_ref().map(|_| 0);
+        jtis.extend(client.assertion_jti);
+        jtis.push(subject.jti);
+        let audit = AuditRecord {
+            at: now,
+            actor_type: "agent".into(),
+            actor_id: agent.id.clone(),
+            auth_method: client.method.into(),
+            subject_user: Some(user.id.clone()),
+            action: "token.release".into(),
+            connection: Some(connection.name.clone()),
+            account_id: Some(account.id.clone()),
+            scopes: Some(scope.to_string_spaced()),
+            decision: "allow".into(),
+            reason: Some(format!(
+                "token {}",
+                secrets::sha256_b64(access_token.expose_secret().as_bytes())
+            )),
+            audit_context: Some(subject.audit_context),
+            request_id: ctx.request_id.clone(),
+            client_ip: ctx.client_ip.map(|ip| ip.to_string()),
+        };
+        match self.store.commit_release(&jtis, &account.id, &audit).await {
+            Ok(()) => {}
+            Err(ReleaseError::Replay(i)) if Some(i) == assertion_index => {
+                return Err(OAuthError::invalid_client(
+                    "client assertion rejected: `jti` was already used",
+                ));
+            }
+            Err(ReleaseError::Replay(_)) => {
+                return Err(OAuthError::invalid_grant(
+                    "subject_token rejected: `jti` was already used",
+                ));
+            }
+            Err(ReleaseError::AccountInactive) => {
+                return Err(OAuthError::not_connected(
+                    connection_name,
+                    self.config.connect_uri(connection_name),
+                ));
+            }
+            Err(ReleaseError::Store(e)) => return Err(store_err(e)),
+        }
+        Ok(TokenResponse {
+            access_token,
+            expires_in,
+            scope: scope.to_string_spaced(),
+            issued_token_type,
+        })
+    }
+
+    fn check_subject(&self, c: &Claims, agent_id: &str) -> Result<Subject, String> {
+        let s = |n: &str| c.str(n).map_err(|e| e.to_string());
+        if s("iss")? != agent_id {
+            return Err("`iss` must be the client id".into());
+        }
+        let user_id = s("sub")?.to_owned();
+        if user_id.is_empty() || user_id.len() > 256 {
+            return Err("`sub` must be 1–256 characters".into());
+        }
+        c.audience_is(&self.config.issuer)
+            .map_err(|e| e.to_string())?;
+        let now = self.now();
+        let iat = c.int("iat").map_err(|e| e.to_string())?;
+        if now - iat > self.config.subject_max_age {
+            return Err(format!(
+                "`iat` is older than {} seconds",
+                self.config.subject_max_age
+            ));
+        }
+        self.not_in_future(c)?;
+        let exp = c.opt_int("exp").map_err(|e| e.to_string())?;
+        if exp.is_some_and(|e| e <= now) {
+            return Err("expired".into());
+        }
+        let jti = valid_jti(c)?;
+        let audit_context = s("audit_context")?;
+        let chars = audit_context.chars().count();
+        if !(1..=256).contains(&chars) {
+            return Err("`audit_context` must be 1–256 characters".into());
+        }
+        // Kept until the token could no longer pass the age check anyway.
+        let expires_at =
+            (iat + self.config.subject_max_age).max(exp.unwrap_or(0)) + self.config.future_skew;
+        Ok(Subject {
+            user_id,
+            audit_context: audit_context.to_owned(),
+            jti: JtiUse {
+                key: format!("subject:{agent_id}:{jti}"),
+                expires_at,
+            },
+        })
+    }
+
+    async fn pick_account(
+        &self,
+        user_id: &str,
+        connection: &Connection,
+        login_hint: Option<&str>,
+    ) -> Result<ConnectedAccount, OAuthError> {
+        let accounts = self
+            .store
+            .accounts_for(user_id, &connection.id)
+            .await
+            .map_err(store_err)?;
+        accounts
+            .into_iter()
+            .filter(|a| a.status == AccountStatus::Active)
+            .find(|a| login_hint.is_none_or(|h| a.upstream_account_id.as_deref() == Some(h)))
+            .ok_or_else(|| {
+                OAuthError::not_connected(
+                    &connection.name,
+                    self.config.connect_uri(&connection.name),
+                )
+            })
+    }
+}
+
+struct Subject {
+    user_id: String,
+    audit_context: String,
+    jti: JtiUse,
+}
+
+fn valid_jti(c: &Claims) -> Result<String, String> {
+    let jti = c.str("jti").map_err(|e| e.to_string())?;
+    if jti.is_empty() || jti.len() > 256 {
+        return Err("`jti` must be 1–256 characters".into());
+    }
+    Ok(jti.to_owned())
+}
+
+fn jws_reason(e: &JwsError) -> String {
+    e.to_string()
+}
+
+/// Read a string claim from a JWS payload *without verifying it* — only to find whose keys to
+/// verify with.
+fn peek_str_claim(token: &str, name: &str) -> Option<String> {
+    use base64::Engine;
+    if token.len() > latchkey_crypto::jws::MAX_JWS_LEN {
+        return None;
+    }
+    let payload = token.split('.').nth(1)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    v.get(name)?.as_str().map(str::to_owned)
+}
+
+/// Parse `addr` or `addr/prefix`.
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+        None => (s.parse::<IpAddr>().ok()?, None),
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = prefix.unwrap_or(max);
+    (prefix <= max).then_some((addr, prefix))
+}
+
+fn ip_allowed(ip: IpAddr, list: &[String]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    list.iter()
+        .filter_map(|c| parse_cidr(c))
+        .any(|(net, prefix)| match (ip, net) {
+            (IpAddr::V4(a), IpAddr::V4(n)) => {
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - prefix)
+                };
+                u32::from(a) & mask == u32::from(n) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(n)) => {
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - prefix)
+                };
+                u128::from(a) & mask == u128::from(n) & mask
+            }
+            _ => false,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_matching() {
+        let list = vec![
+            "10.0.0.0/8".to_string(),
+            "2001:db8::/32".to_string(),
+            "192.168.1.7".to_string(),
+        ];
+        assert!(ip_allowed("10.1.2.3".parse().unwrap(), &list));
+        assert!(ip_allowed("::ffff:10.1.2.3".parse().unwrap(), &list));
+        assert!(ip_allowed("2001:db8::1".parse().unwrap(), &list));
+        assert!(ip_allowed("192.168.1.7".parse().unwrap(), &list));
+        assert!(!ip_allowed("192.168.1.8".parse().unwrap(), &list));
+        assert!(!ip_allowed("11.0.0.1".parse().unwrap(), &list));
+        assert!(parse_cidr("10.0.0.0/33").is_none());
+        assert!(parse_cidr("nope").is_none());
+    }
+
+    #[test]
+    fn peek_reads_unverified_iss() {
+        use base64::Engine;
+        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let t = format!("{}.{}.sig", b("{}"), b(r#"{"iss":"agt_1"}"#));
+        assert_eq!(peek_str_claim(&t, "iss").as_deref(), Some("agt_1"));
+        assert_eq!(peek_str_claim("garbage", "iss"), None);
+    }
+}

@@ -1,0 +1,253 @@
+//! The vault service: every decision about releasing a credential is made here.
+//!
+//! Handlers and CLI commands call one method each. The token exchange reads, in order:
+//! client authentication → subject token → connection → grant (deny by default) → scopes
+//! (requested ⊆ grant ⊆ consent) → user → connected account → a fresh upstream access token
+//! (single-flight refresh) → one transaction that consumes the `jti`s, re-checks the account
+//! and writes the audit record. Only after that commits does a token leave.
+//!
+//! The parts: `exchange` (the token endpoint), `tokens` (upstream tokens: cache, narrowing,
+//! single-flight refresh), `connect` (authorization code + PKCE towards a provider), `admin`
+//! (users, sessions and the registry). This file holds the service itself and what they share.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use latchkey_crypto::envelope::{Kek, Slot};
+use latchkey_crypto::jws::{Claims, JwsError, PublicKey, TypRule, verify_jws};
+use latchkey_crypto::secrets;
+use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
+
+use crate::catalog;
+use crate::clock::Clock;
+use crate::error::OAuthError;
+use crate::keys::{KeyError, KeyService};
+use crate::model::*;
+use crate::params::Params;
+use crate::refresh::RefreshLocks;
+use crate::scope::Scopes;
+use crate::store::{ConnectFlow, JtiUse, ReleaseError, Store, StoreError};
+use crate::upstream::{Endpoints, Upstream, UpstreamError, UpstreamTokens};
+
+mod admin;
+mod connect;
+mod exchange;
+mod tokens;
+
+pub use admin::{AdminError, RevokeOutcome};
+pub use exchange::parse_cidr;
+
+pub const GRANT_TOKEN_VAULT: &str =
+    "urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token";
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub const TOKEN_TYPE_REFRESH: &str = "urn:ietf:params:oauth:token-type:refresh_token";
+pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub const TOKEN_TYPE_VAULT_ACCESS: &str =
+    "http://auth0.com/oauth/token-type/token-vault-access-token";
+pub const TOKEN_TYPE_FEDERATED_ACCESS: &str =
+    "http://auth0.com/oauth/token-type/federated-connection-access-token";
+pub const ASSERTION_TYPE_JWT_BEARER: &str =
+    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub const SUBJECT_JWT_TYP: &str = "token-vault-req+jwt";
+
+#[derive(Clone, Debug)]
+pub struct VaultConfig {
+    /// `https://host:port/`, with the trailing slash.
+    pub issuer: String,
+    /// Subject tokens older than this (by `iat`) are refused.
+    pub subject_max_age: i64,
+    /// How far in the future `iat`/`nbf` may be (clock skew between agent and vault).
+    pub future_skew: i64,
+    /// Longest client-assertion lifetime accepted (`exp` − now).
+    pub max_assertion_lifetime: i64,
+    /// Refresh upstream tokens this many seconds before they expire.
+    pub refresh_margin: i64,
+    /// `expires_in` reported for upstream tokens that carry no expiry.
+    pub non_expiring_ttl: i64,
+    pub connect_flow_ttl: i64,
+    pub session_ttl: i64,
+    /// Token requests one agent may make per minute on this node (0: unlimited).
+    pub agent_requests_per_minute: u32,
+}
+
+impl VaultConfig {
+    pub fn new(issuer: impl Into<String>) -> Self {
+        let mut issuer = issuer.into();
+        if !issuer.ends_with('/') {
+            issuer.push('/');
+        }
+        Self {
+            issuer,
+            subject_max_age: 60,
+            future_skew: 10,
+            max_assertion_lifetime: 300,
+            refresh_margin: 30,
+            non_expiring_ttl: 3600,
+            connect_flow_ttl: 600,
+            session_ttl: 8 * 3600,
+            agent_requests_per_minute: 0,
+        }
+    }
+
+    pub fn connect_uri(&self, connection: &str) -> String {
+        format!("{}connect/{connection}", self.issuer)
+    }
+
+    pub fn connect_redirect_uri(&self) -> String {
+        format!("{}connect/callback", self.issuer)
+    }
+}
+
+/// Who is asking, beyond the body: for audit and IP allow-lists.
+#[derive(Clone, Debug, Default)]
+pub struct RequestContext {
+    pub request_id: Option<String>,
+    pub client_ip: Option<IpAddr>,
+}
+
+/// Client id and secret from an `Authorization: Basic` header.
+#[derive(Clone)]
+pub struct BasicCredentials {
+    pub client_id: String,
+    pub client_secret: SecretString,
+}
+
+/// A successful exchange.
+#[derive(Debug)]
+pub struct TokenResponse {
+    pub access_token: SecretString,
+    pub expires_in: i64,
+    pub scope: String,
+    pub issued_token_type: &'static str,
+}
+
+/// New connection settings (CLI and admin API).
+#[derive(Clone, Debug)]
+pub struct NewConnection {
+    pub name: String,
+    pub provider: String,
+    pub client_id: String,
+    pub client_secret: Option<SecretString>,
+    pub authorize_url: String,
+    pub token_url: String,
+    pub revoke_url: Option<String>,
+    pub userinfo_url: Option<String>,
+    pub api_base_url: Option<String>,
+    pub scopes: Scopes,
+}
+
+/// Who performs an administrative change (for its audit entry).
+#[derive(Clone, Debug)]
+pub struct Actor {
+    pub kind: &'static str,
+    pub id: String,
+    pub method: &'static str,
+}
+
+impl Actor {
+    pub fn cli() -> Self {
+        Self {
+            kind: "operator",
+            id: "local".into(),
+            method: "cli",
+        }
+    }
+    pub fn user(id: &str) -> Self {
+        Self {
+            kind: "user",
+            id: id.into(),
+            method: "session",
+        }
+    }
+}
+
+fn store_err(e: StoreError) -> OAuthError {
+    tracing::error!(error = %e, "storage failure");
+    OAuthError::storage_unavailable()
+}
+
+fn key_err(e: KeyError) -> OAuthError {
+    tracing::error!(error = %e, "a stored secret could not be opened");
+    OAuthError::server_error()
+}
+
+const PEPPER_NAME: &str = "client_secret_pepper";
+
+pub struct Vault {
+    pub config: VaultConfig,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    upstream: Arc<dyn Upstream>,
+    pub keys: KeyService,
+    pepper: Zeroizing<Vec<u8>>,
+    refresh_locks: RefreshLocks,
+    rate: crate::rate::RateLimiter,
+}
+
+impl Vault {
+    /// Unseal with `kek` (refusing a key that does not open the database) and load server secrets.
+    pub async fn open(
+        config: VaultConfig,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        upstream: Arc<dyn Upstream>,
+        kek: Kek,
+        reload_kek: Option<Box<dyn Fn() -> Option<Kek> + Send + Sync>>,
+    ) -> Result<Self, KeyError> {
+        let keys = KeyService::unseal(store.clone(), kek, reload_kek, clock.now()).await?;
+        let pepper = keys
+            .server_secret(PEPPER_NAME, || secrets::random_bytes(32))
+            .await?;
+        Ok(Self {
+            config,
+            store,
+            clock,
+            upstream,
+            keys,
+            pepper,
+            refresh_locks: RefreshLocks::default(),
+            rate: Default::default(),
+        })
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn audit(&self, actor: &Actor, action: &str) -> AuditRecord {
+        AuditRecord {
+            at: self.now(),
+            actor_type: actor.kind.into(),
+            actor_id: actor.id.clone(),
+            auth_method: actor.method.into(),
+            action: action.into(),
+            decision: "allow".into(),
+            ..Default::default()
+        }
+    }
+
+    fn secret_hash(&self, secret: &str) -> String {
+        secrets::hmac_b64(&self.pepper, secret.as_bytes())
+    }
+}
+
+fn scoped_slot(id: &str) -> Slot<'_> {
+    Slot {
+        table: "scoped_tokens",
+        field: "access_token",
+        row: id,
+    }
+}
+
+pub fn account_slot<'a>(id: &'a str, field: &'static str) -> Slot<'a> {
+    Slot {
+        table: "connected_accounts",
+        field,
+        row: id,
+    }
+}

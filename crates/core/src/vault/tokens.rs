@@ -1,0 +1,291 @@
+//! Upstream access tokens: cached, narrowed, and refreshed one at a time per account.
+
+use super::*;
+
+impl Vault {
+    fn is_fresh(&self, a: &ConnectedAccount) -> bool {
+        a.access_token.is_some()
+            && a.access_expires_at
+                .is_none_or(|t| t - self.now() > self.config.refresh_margin)
+    }
+
+    async fn open_access(
+        &self,
+        a: &ConnectedAccount,
+    ) -> Result<(SecretString, Option<i64>), OAuthError> {
+        let blob = a
+            .access_token
+            .as_deref()
+            .ok_or_else(OAuthError::server_error)?;
+        let token = self
+            .keys
+            .open_string(account_slot(&a.id, "access_token"), blob)
+            .await
+            .map_err(key_err)?;
+        Ok((token, a.access_expires_at))
+    }
+
+    pub(super) async fn endpoints(&self, conn: &Connection) -> Result<Endpoints, OAuthError> {
+        let secret = match &conn.client_secret {
+            Some(blob) => Some(
+                self.keys
+                    .open_string(
+                        Slot {
+                            table: "connections",
+                            field: "client_secret",
+                            row: &conn.id,
+                        },
+                        blob,
+                    )
+                    .await
+                    .map_err(key_err)?,
+            ),
+            None => None,
+        };
+        Ok(catalog::endpoints(conn, &self.config.issuer, secret))
+    }
+
+    /// An upstream access token for `scope` on this account, refreshed first if it is (nearly)
+    /// expired. When `scope` is narrower than the user's consent and the provider honours
+    /// `scope` on refresh, the token itself is narrowed (and cached per scope set); otherwise
+    /// the narrowing is Latchkey's policy and the answer's `scope`. At most one refresh per
+    /// account runs at a time; the others wait, re-read, and reuse its result.
+    pub(super) async fn fresh_access_token(
+        &self,
+        account: ConnectedAccount,
+        conn: &Connection,
+        scope: &Scopes,
+    ) -> Result<(SecretString, Option<i64>), OAuthError> {
+        if catalog::narrows_upstream(conn) && *scope != account.scopes {
+            return self.fresh_scoped_token(account, conn, scope).await;
+        }
+        if self.is_fresh(&account) {
+            return self.open_access(&account).await;
+        }
+        let _guard = self.refresh_locks.lock(&account.id).await;
+        let current = self.active_account(&account.id, conn).await?;
+        if self.is_fresh(&current) {
+            return self.open_access(&current).await;
+        }
+        let (current, tokens) = self.call_refresh(current, conn, None).await?;
+        let updated = self.apply_tokens(current.clone(), tokens, None);
+        if !self
+            .store
+            .update_account_tokens(&updated, current.token_version)
+            .await
+            .map_err(store_err)?
+        {
+            // Another process changed the account meanwhile. The token in hand is valid, and the
+            // release transaction still refuses it if the account was revoked.
+            tracing::warn!(account = %current.id, "refreshed tokens lost a concurrent update");
+        }
+        self.open_access(&updated).await
+    }
+
+    async fn fresh_scoped_token(
+        &self,
+        account: ConnectedAccount,
+        conn: &Connection,
+        scope: &Scopes,
+    ) -> Result<(SecretString, Option<i64>), OAuthError> {
+        let id = format!("{} {}", account.id, scope.to_string_spaced());
+        let cached = || async {
+            let t = self.store.scoped_token(&id).await.map_err(store_err)?;
+            match t {
+                Some(t)
+                    if t.expires_at
+                        .is_none_or(|e| e - self.now() > self.config.refresh_margin) =>
+                {
+                    let token = self
+                        .keys
+                        .open_string(scoped_slot(&t.id), &t.access_token)
+                        .await
+                        .map_err(key_err)?;
+                    Ok::<_, OAuthError>(Some((token, t.expires_at)))
+                }
+                _ => Ok(None),
+            }
+        };
+        if let Some(hit) = cached().await? {
+            return Ok(hit);
+        }
+        let _guard = self.refresh_locks.lock(&account.id).await;
+        if let Some(hit) = cached().await? {
+            return Ok(hit);
+        }
+        let current = self.active_account(&account.id, conn).await?;
+        let (current, tokens) = self.call_refresh(current, conn, Some(scope)).await?;
+        let now = self.now();
+        let scoped = ScopedToken {
+            access_token: self.keys.seal(
+                scoped_slot(&id),
+                tokens.access_token.expose_secret().as_bytes(),
+            ),
+            id,
+            account_id: current.id.clone(),
+            scopes: scope.clone(),
+            expires_at: tokens.expires_in.map(|e| now + e),
+        };
+        let mut updated = current.clone();
+        if let Some(r) = &tokens.refresh_token {
+            updated.refresh_token = Some(self.keys.seal(
+                account_slot(&updated.id, "refresh_token"),
+                r.expose_secret().as_bytes(),
+            ));
+        }
+        updated.updated_at = now;
+        if !self
+            .store
+            .store_scoped_token(&updated, current.token_version, &scoped)
+            .await
+            .map_err(store_err)?
+        {
+            tracing::warn!(account = %current.id, "narrowed token lost a concurrent update");
+        }
+        Ok((tokens.access_token, scoped.expires_at))
+    }
+
+    /// The account as stored now, if it is still active.
+    async fn active_account(
+        &self,
+        id: &str,
+        conn: &Connection,
+    ) -> Result<ConnectedAccount, OAuthError> {
+        let not_connected =
+            || OAuthError::not_connected(&conn.name, self.config.connect_uri(&conn.name));
+        let account = self
+            .store
+            .account_by_id(id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(not_connected)?;
+        if account.status != AccountStatus::Active {
+            return Err(not_connected());
+        }
+        Ok(account)
+    }
+
+    /// The provider's refresh grant for `current`, called under the account's lock. On
+    /// `invalid_grant` the account is re-read first: if another writer rotated the refresh token
+    /// meanwhile, the call is retried once with the new one, so a losing racer never declares
+    /// the winner's token dead. Otherwise the account needs the user to reconnect. Timeouts,
+    /// 5xx and 429 leave everything stored untouched and answer 503 with `Retry-After`.
+    async fn call_refresh(
+        &self,
+        mut current: ConnectedAccount,
+        conn: &Connection,
+        scope: Option<&Scopes>,
+    ) -> Result<(ConnectedAccount, UpstreamTokens), OAuthError> {
+        let not_connected =
+            || OAuthError::not_connected(&conn.name, self.config.connect_uri(&conn.name));
+        let ep = self.endpoints(conn).await?;
+        for attempt in 0..2 {
+            let Some(blob) = current.refresh_token.as_deref() else {
+                return Err(not_connected());
+            };
+            let refresh_token = self
+                .keys
+                .open_string(account_slot(&current.id, "refresh_token"), blob)
+                .await
+                .map_err(key_err)?;
+            let result = self.upstream.refresh(&ep, &refresh_token, scope).await;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(UpstreamError::InvalidGrant(_)) => "invalid_grant",
+                Err(UpstreamError::Transient { .. }) => "unavailable",
+                Err(UpstreamError::Protocol(_)) => "malformed",
+            };
+            metrics::counter!("latchkey_upstream_refreshes_total", "outcome" => outcome)
+                .increment(1);
+            match result {
+                Ok(tokens) => return Ok((current, tokens)),
+                Err(UpstreamError::InvalidGrant(why)) => {
+                    let again = self
+                        .store
+                        .account_by_id(&current.id)
+                        .await
+                        .map_err(store_err)?
+                        .ok_or_else(not_connected)?;
+                    if attempt == 0
+                        && again.status == AccountStatus::Active
+                        && again.token_version != current.token_version
+                    {
+                        current = again;
+                        continue;
+                    }
+                    let audit = AuditRecord {
+                        subject_user: Some(current.user_id.clone()),
+                        connection: Some(conn.name.clone()),
+                        account_id: Some(current.id.clone()),
+                        reason: Some(format!("provider refused the refresh token: {why}")),
+                        ..self.audit(
+                            &Actor {
+                                kind: "operator",
+                                id: "vault".into(),
+                                method: "refresh",
+                            },
+                            "account.needs_reauth",
+                        )
+                    };
+                    self.store
+                        .set_account_status(
+                            &current.id,
+                            AccountStatus::NeedsReauth,
+                            current.token_version,
+                            &audit,
+                        )
+                        .await
+                        .map_err(store_err)?;
+                    return Err(not_connected());
+                }
+                Err(UpstreamError::Transient {
+                    message,
+                    retry_after,
+                }) => {
+                    tracing::warn!(connection = %conn.name, %message, "upstream refresh failed, token left untouched");
+                    return Err(OAuthError::upstream_unavailable(
+                        format!("{} is temporarily unavailable; retry shortly", conn.name),
+                        retry_after.unwrap_or(5),
+                    ));
+                }
+                Err(UpstreamError::Protocol(message)) => {
+                    tracing::warn!(connection = %conn.name, %message, "upstream refresh answered malformed data");
+                    return Err(OAuthError::upstream_unavailable(
+                        format!("{} answered malformed data; retry shortly", conn.name),
+                        5,
+                    ));
+                }
+            }
+        }
+        Err(not_connected())
+    }
+
+    /// The account with new upstream tokens sealed in (old refresh token kept if none came).
+    pub(super) fn apply_tokens(
+        &self,
+        mut a: ConnectedAccount,
+        t: UpstreamTokens,
+        default_scopes: Option<&Scopes>,
+    ) -> ConnectedAccount {
+        let now = self.now();
+        a.access_token = Some(self.keys.seal(
+            account_slot(&a.id, "access_token"),
+            t.access_token.expose_secret().as_bytes(),
+        ));
+        a.access_expires_at = t.expires_in.map(|e| now + e);
+        if let Some(r) = t.refresh_token {
+            a.refresh_token = Some(self.keys.seal(
+                account_slot(&a.id, "refresh_token"),
+                r.expose_secret().as_bytes(),
+            ));
+        }
+        if let Some(s) = t.scope.filter(|s| !s.is_empty()) {
+            a.scopes = s;
+        } else if let Some(d) = default_scopes {
+            a.scopes = d.clone();
+        }
+        a.updated_at = now;
+        a.token_version += 1;
+        a
+    }
+}
