@@ -107,6 +107,23 @@ enum UserCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Set up, confirm or remove a user's second factor (TOTP, any authenticator app).
+    #[command(
+        after_help = "Examples:\n  latchkey user mfa alice                   # prints an otpauth:// URI for the authenticator app\n  \
+        latchkey user mfa alice --confirm 123456  # the app's current code turns it on\n  latchkey user mfa alice --disable"
+    )]
+    Mfa {
+        user: String,
+        /// A current code from the authenticator, to finish enrolment.
+        #[arg(long, conflicts_with = "disable")]
+        confirm: Option<String>,
+        /// Remove the second factor.
+        #[arg(long)]
+        disable: bool,
+        /// Print JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Set a user's password (read from standard input).
     #[command(after_help = "Example:\n  echo 'new password here' | latchkey user passwd alice")]
     Passwd { user: String },
@@ -422,6 +439,30 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
         Command::User(UserCmd::Passwd { user }) => {
             let u = vault.set_password(&user, &read_password()?, &actor).await?;
             println!("password set for {} ({})", u.username, u.id);
+        }
+        Command::User(UserCmd::Mfa {
+            user,
+            confirm,
+            disable,
+            json,
+        }) => {
+            if disable {
+                vault.totp_disable(&user, &actor).await?;
+                println!("second factor removed for {user}");
+            } else if let Some(code) = confirm {
+                vault.totp_confirm(&user, &code, &actor).await?;
+                println!("second factor enabled for {user}: sign-in now asks for a code");
+            } else {
+                let uri = vault.totp_enrol(&user, &actor).await?;
+                if json {
+                    print_json(&serde_json::json!({ "otpauth_uri": uri }));
+                } else {
+                    println!(
+                        "Add this to an authenticator app (most can scan it as a QR code):\n  {uri}\n\
+                         Then turn it on with the app's current code:\n  latchkey user mfa {user} --confirm <code>"
+                    );
+                }
+            }
         }
         Command::User(UserCmd::List { json }) => {
             let users = vault.store().list_users().await?;

@@ -10,7 +10,22 @@ pub struct User {
     pub username: String,
     /// Argon2id PHC string; `None` for a user who cannot log in with a password.
     pub password_hash: Option<String>,
+    /// Sealed TOTP seed (RFC 6238), present from enrolment on.
+    pub totp_seed: Option<Vec<u8>>,
+    /// Enrolment confirmed with a valid code: sign-in then asks for one.
+    pub totp_enabled: bool,
     pub created_at: i64,
+}
+
+/// A browser session, and how and when its user authenticated (what step-up will check).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub user_id: String,
+    /// `pwd`, or `pwd otp` after a TOTP code.
+    pub auth_methods: String,
+    pub authenticated_at: i64,
+    /// The password was right but the TOTP code is still owed: not signed in yet.
+    pub pending_mfa: bool,
 }
 
 /// An upstream provider configuration ("github", "demo-git", …).

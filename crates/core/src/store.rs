@@ -88,6 +88,16 @@ pub trait Store: Send + Sync + 'static {
     async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>>;
     async fn set_password(&self, user_id: &str, hash: &str, audit: &AuditRecord)
     -> StoreResult<()>;
+    /// Set (or clear) the sealed TOTP seed and whether it is enabled.
+    async fn set_totp(
+        &self,
+        user_id: &str,
+        seed: Option<&[u8]>,
+        enabled: bool,
+        audit: &AuditRecord,
+    ) -> StoreResult<()>;
+    /// Record `step` as used iff it is later than the last used one (atomic replay guard).
+    async fn consume_totp_step(&self, user_id: &str, step: i64) -> StoreResult<bool>;
     async fn list_users(&self) -> StoreResult<Vec<User>>;
 
     // Connections.
@@ -164,8 +174,14 @@ pub trait Store: Send + Sync + 'static {
     async fn purge_expired_jtis(&self, now: i64) -> StoreResult<u64>;
 
     // Browser sessions and connect flows (opaque values stored only as hashes).
-    async fn insert_session(&self, hash: &str, user_id: &str, expires_at: i64) -> StoreResult<()>;
-    async fn session_user(&self, hash: &str, now: i64) -> StoreResult<Option<String>>;
+    async fn insert_session(
+        &self,
+        hash: &str,
+        session: &Session,
+        expires_at: i64,
+    ) -> StoreResult<()>;
+    /// The unexpired session with this hash.
+    async fn session(&self, hash: &str, now: i64) -> StoreResult<Option<Session>>;
     async fn delete_session(&self, hash: &str) -> StoreResult<()>;
     async fn insert_connect_flow(&self, flow: &ConnectFlow) -> StoreResult<()>;
     /// Remove and return the flow (single use); `None` if unknown or expired.

@@ -7,11 +7,13 @@
 //! - [`secrets`]: random identifiers, SHA-256 / HMAC digests for values stored as hashes.
 //! - [`keygen`]: key pairs for the demo agent, tests and Latchkey's own signing key.
 //! - [`password`]: Argon2id for human passwords (never for machine secrets).
+//! - [`totp`]: RFC 6238 one-time codes for the second factor.
 
 pub mod envelope;
 pub mod jws;
 pub mod keygen;
 pub mod password;
 pub mod secrets;
+pub mod totp;
 
 pub use jsonwebtoken::Algorithm;

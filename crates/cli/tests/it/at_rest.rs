@@ -59,6 +59,16 @@ async fn no_plaintext_secret_in_the_database_files() {
     let demo_secret = latchkey_server::demo::demo_client_secret(&ts.vault)
         .await
         .unwrap();
+    // A TOTP seed, as base32 (what the user's app holds).
+    let out = ts.cli(&["user", "mfa", "demo", "--json"]);
+    let uri: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let totp_secret = uri["otpauth_uri"]
+        .as_str()
+        .unwrap()
+        .split("secret=")
+        .nth(1)
+        .unwrap();
+    let totp_secret = totp_secret.split('&').next().unwrap().to_owned();
 
     let mut files = Vec::new();
     for suffix in ["", "-wal", "-shm"] {
@@ -73,7 +83,7 @@ async fn no_plaintext_secret_in_the_database_files() {
             .any(|(p, b)| p.ends_with("-wal") && !b.is_empty()),
         "the WAL is scanned too"
     );
-    for secret in [&canary, &first, &refreshed, &demo_secret] {
+    for secret in [&canary, &first, &refreshed, &demo_secret, &totp_secret] {
         for needle in encodings(secret) {
             for (path, bytes) in &files {
                 assert!(

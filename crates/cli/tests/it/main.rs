@@ -7,6 +7,7 @@ mod at_rest;
 mod audit;
 mod bad_input;
 mod interop;
+mod login;
 mod ops;
 mod refresh;
 mod walkthrough;

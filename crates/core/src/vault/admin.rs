@@ -1,124 +1,9 @@
-//! Users, sessions and the registry: what the CLI (and later the admin API and dashboard)
-//! change, each change with its audit entry.
+//! The registry: connections, agents, grants and revocation — what the CLI (and later the
+//! admin API and dashboard) change, each change with its audit entry.
 
 use super::*;
 
 impl Vault {
-    pub async fn add_user(
-        &self,
-        username: &str,
-        password: Option<&str>,
-        actor: &Actor,
-    ) -> Result<User, AdminError> {
-        validate_name("username", username)?;
-        let password_hash = match password {
-            Some(p) => Some(hash_password(p).await?),
-            None => None,
-        };
-        let user = User {
-            id: secrets::random_id("usr"),
-            username: username.to_owned(),
-            password_hash,
-            created_at: self.now(),
-        };
-        let audit = AuditRecord {
-            subject_user: Some(user.id.clone()),
-            ..self.audit(actor, "user.create")
-        };
-        self.store.insert_user(&user, &audit).await?;
-        Ok(user)
-    }
-
-    pub async fn set_password(
-        &self,
-        user_ref: &str,
-        password: &str,
-        actor: &Actor,
-    ) -> Result<User, AdminError> {
-        let user = self.find_user(user_ref).await?;
-        let hash = hash_password(password).await?;
-        let audit = AuditRecord {
-            subject_user: Some(user.id.clone()),
-            ..self.audit(actor, "user.password")
-        };
-        self.store.set_password(&user.id, &hash, &audit).await?;
-        Ok(user)
-    }
-
-    /// A user by id or username.
-    pub async fn find_user(&self, user_ref: &str) -> Result<User, AdminError> {
-        if let Some(u) = self.store.user_by_id(user_ref).await? {
-            return Ok(u);
-        }
-        self.store
-            .user_by_username(user_ref)
-            .await?
-            .ok_or_else(|| AdminError::NotFound(format!("no user `{user_ref}`")))
-    }
-
-    /// Check a password; spends the same Argon2 time whether or not the user exists.
-    pub async fn login(&self, username: &str, password: &str) -> Result<Option<User>, OAuthError> {
-        let user = self
-            .store
-            .user_by_username(username)
-            .await
-            .map_err(store_err)?;
-        let hash = user
-            .as_ref()
-            .and_then(|u| u.password_hash.clone())
-            .unwrap_or_else(|| latchkey_crypto::password::dummy_hash().to_owned());
-        let password = Zeroizing::new(password.to_owned());
-        let ok = tokio::task::spawn_blocking(move || {
-            latchkey_crypto::password::verify_password(&password, &hash)
-        })
-        .await
-        .unwrap_or(false);
-        let ok = ok && user.as_ref().is_some_and(|u| u.password_hash.is_some());
-        let audit = AuditRecord {
-            subject_user: user.as_ref().map(|u| u.id.clone()),
-            decision: if ok { "allow" } else { "deny" }.into(),
-            reason: (!ok).then(|| "wrong username or password".into()),
-            ..self.audit(
-                &Actor {
-                    kind: "user",
-                    id: username.chars().take(64).collect(),
-                    method: "password",
-                },
-                "user.login",
-            )
-        };
-        self.store.append_audit(&audit).await.map_err(store_err)?;
-        Ok(if ok { user } else { None })
-    }
-
-    /// Create a browser session; returns the cookie value (stored only as a hash).
-    pub async fn create_session(&self, user_id: &str) -> Result<String, OAuthError> {
-        let token = secrets::random_token(32);
-        self.store
-            .insert_session(
-                &secrets::sha256_b64(token.as_bytes()),
-                user_id,
-                self.now() + self.config.session_ttl,
-            )
-            .await
-            .map_err(store_err)?;
-        Ok(token)
-    }
-
-    pub async fn session_user(&self, token: &str) -> Result<Option<String>, OAuthError> {
-        self.store
-            .session_user(&secrets::sha256_b64(token.as_bytes()), self.now())
-            .await
-            .map_err(store_err)
-    }
-
-    pub async fn end_session(&self, token: &str) -> Result<(), OAuthError> {
-        self.store
-            .delete_session(&secrets::sha256_b64(token.as_bytes()))
-            .await
-            .map_err(store_err)
-    }
-
     // ---------------------------------------------------------------------------------------
     // Registry administration (CLI, later the admin API and dashboard)
     // ---------------------------------------------------------------------------------------
@@ -340,33 +225,6 @@ impl From<StoreError> for AdminError {
             StoreError::NotFound => AdminError::NotFound("not found".into()),
             StoreError::Unavailable(d) => AdminError::Storage(d),
         }
-    }
-}
-
-async fn hash_password(password: &str) -> Result<String, AdminError> {
-    if password.chars().count() < 8 {
-        return Err(AdminError::Invalid(
-            "passwords need at least 8 characters".into(),
-        ));
-    }
-    let p = Zeroizing::new(password.to_owned());
-    tokio::task::spawn_blocking(move || latchkey_crypto::password::hash_password(&p))
-        .await
-        .map_err(|_| AdminError::Storage("password hashing failed".into()))
-}
-
-fn validate_name(what: &str, name: &str) -> Result<(), AdminError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
-    if ok {
-        Ok(())
-    } else {
-        Err(AdminError::Invalid(format!(
-            "{what} must be 1–64 characters of letters, digits, - _ . @"
-        )))
     }
 }
 

@@ -8,7 +8,7 @@
 //!
 //! The parts: `exchange` (the token endpoint), `tokens` (upstream tokens: cache, narrowing,
 //! single-flight refresh), `connect` (authorization code + PKCE towards a provider), `admin`
-//! (users, sessions and the registry). This file holds the service itself and what they share.
+//! (the registry), `users` (accounts, passwords, TOTP, sign-in and sessions). This file holds the service itself and what they share.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -34,9 +34,11 @@ mod admin;
 mod connect;
 mod exchange;
 mod tokens;
+mod users;
 
 pub use admin::{AdminError, RevokeOutcome};
 pub use exchange::parse_cidr;
+pub use users::SignIn;
 
 pub const GRANT_TOKEN_VAULT: &str =
     "urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token";
@@ -183,6 +185,7 @@ pub struct Vault {
     pepper: Zeroizing<Vec<u8>>,
     refresh_locks: RefreshLocks,
     rate: crate::rate::RateLimiter,
+    login_failures: crate::rate::FailureLimiter,
 }
 
 impl Vault {
@@ -208,6 +211,7 @@ impl Vault {
             pepper,
             refresh_locks: RefreshLocks::default(),
             rate: Default::default(),
+            login_failures: Default::default(),
         })
     }
 
@@ -249,5 +253,21 @@ pub fn account_slot<'a>(id: &'a str, field: &'static str) -> Slot<'a> {
         table: "connected_accounts",
         field,
         row: id,
+    }
+}
+
+/// Names of users, connections and agents: short, plain, safe in URLs and logs.
+fn validate_name(what: &str, name: &str) -> Result<(), AdminError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::Invalid(format!(
+            "{what} must be 1–64 characters of letters, digits, - _ . @"
+        )))
     }
 }

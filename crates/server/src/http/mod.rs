@@ -83,6 +83,7 @@ pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/", get(web::home))
         .route("/login", get(web::login_page).post(web::login))
+        .route("/login/totp", get(web::totp_page).post(web::totp))
         .route("/logout", post(web::logout))
         .route("/account", get(web::account))
         .route("/connect/callback", get(web::connect_callback))

@@ -3,12 +3,14 @@
 //! the session cookie is `HttpOnly`, `SameSite=Lax` and `Secure` over TLS; the login form
 //! carries a double-submit CSRF token; every value placed in HTML is escaped.
 
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{Extension, Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use super::AppState;
+use latchkey_core::vault::SignIn;
+
+use super::{AppState, RequestMeta};
 
 const SESSION: &str = "latchkey_session";
 const CSRF: &str = "latchkey_csrf";
@@ -124,41 +126,147 @@ pub struct LoginForm {
     next: Option<String>,
 }
 
+fn csrf_ok(headers: &HeaderMap, submitted: &str) -> bool {
+    cookie(headers, CSRF)
+        .is_some_and(|c| latchkey_crypto::secrets::ct_eq(c.as_bytes(), submitted.as_bytes()))
+}
+
+fn unavailable(e: &latchkey_core::OAuthError) -> Response {
+    page(
+        StatusCode::from_u16(e.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        "Sign in",
+        &esc(&e.description),
+    )
+}
+
+fn throttled(wait: u64) -> Response {
+    let minutes = wait.div_ceil(60);
+    let mut resp = page(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Sign in",
+        &format!(
+            "<p role=\"alert\">Too many failed sign-in attempts. Try again in {minutes} minute(s).</p>"
+        ),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+    resp
+}
+
+/// Signed in: set the session cookie, drop the form's CSRF cookie, go on.
+fn signed_in(s: &AppState, token: &str, next: &str) -> Response {
+    let mut resp = Redirect::to(next).into_response();
+    set_cookie(&mut resp, s, SESSION, token, s.vault.config.session_ttl);
+    set_cookie(&mut resp, s, CSRF, "", 0);
+    resp
+}
+
 pub async fn login(
     State(s): State<AppState>,
+    Extension(meta): Extension<RequestMeta>,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
     let next = safe_next(f.next.as_deref());
-    let csrf_ok = cookie(&headers, CSRF)
-        .is_some_and(|c| latchkey_crypto::secrets::ct_eq(c.as_bytes(), f.csrf.as_bytes()));
-    if !csrf_ok {
+    if !csrf_ok(&headers, &f.csrf) {
         return login_form(
             &s,
             &next,
             Some("Your sign-in form expired. Please try again."),
         );
     }
-    match s.vault.login(&f.username, &f.password).await {
-        Ok(Some(user)) => match s.vault.create_session(&user.id).await {
-            Ok(token) => {
-                let mut resp = Redirect::to(&next).into_response();
-                set_cookie(&mut resp, &s, SESSION, &token, s.vault.config.session_ttl);
-                set_cookie(&mut resp, &s, CSRF, "", 0);
-                resp
-            }
-            Err(e) => page(
-                StatusCode::from_u16(e.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                "Sign in",
-                &esc(&e.description),
-            ),
-        },
-        Ok(None) => login_form(&s, &next, Some("Wrong username or password.")),
-        Err(e) => page(
-            StatusCode::from_u16(e.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-            "Sign in",
-            &esc(&e.description),
+    match s
+        .vault
+        .sign_in(&f.username, &f.password, meta.client_ip)
+        .await
+    {
+        Ok(SignIn::Session(token)) => signed_in(&s, &token, &next),
+        Ok(SignIn::TotpRequired(pending)) => {
+            let target: String = url::form_urlencoded::byte_serialize(next.as_bytes()).collect();
+            let mut resp = Redirect::to(&format!("/login/totp?next={target}")).into_response();
+            set_cookie(&mut resp, &s, SESSION, &pending, 300);
+            resp
+        }
+        Ok(SignIn::Failed) => login_form(&s, &next, Some("Wrong username or password.")),
+        Ok(SignIn::Throttled(wait)) => throttled(wait),
+        Err(e) => unavailable(&e),
+    }
+}
+
+fn totp_form(s: &AppState, next: &str, error: Option<&str>) -> Response {
+    let csrf = latchkey_crypto::secrets::random_token(24);
+    let error = error
+        .map(|e| format!("<p role=\"alert\">{}</p>", esc(e)))
+        .unwrap_or_default();
+    let body = format!(
+        "{error}<form method=\"post\" action=\"/login/totp\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><input type=\"hidden\" name=\"next\" value=\"{next}\">\
+         <p><label for=\"code\">Code from your authenticator app</label><br><input id=\"code\" name=\"code\" \
+         inputmode=\"numeric\" autocomplete=\"one-time-code\" pattern=\"[0-9]{{6}}\" maxlength=\"6\" required></p>\
+         <p><button type=\"submit\">Verify</button></p></form>",
+        next = esc(next)
+    );
+    let status = if error.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNAUTHORIZED
+    };
+    let mut resp = page(status, "Two-step verification", &body);
+    set_cookie(&mut resp, s, CSRF, &csrf, 300);
+    resp
+}
+
+async fn pending_session(s: &AppState, headers: &HeaderMap) -> Option<String> {
+    let token = cookie(headers, SESSION)?;
+    let session = s.vault.session(&token).await.ok().flatten()?;
+    session.pending_mfa.then_some(token)
+}
+
+pub async fn totp_page(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<NextQuery>,
+) -> Response {
+    let next = safe_next(q.next.as_deref());
+    if pending_session(&s, &headers).await.is_none() {
+        return login_to(&next);
+    }
+    totp_form(&s, &next, None)
+}
+
+#[derive(Deserialize)]
+pub struct TotpForm {
+    code: String,
+    csrf: String,
+    next: Option<String>,
+}
+
+pub async fn totp(
+    State(s): State<AppState>,
+    Extension(meta): Extension<RequestMeta>,
+    headers: HeaderMap,
+    Form(f): Form<TotpForm>,
+) -> Response {
+    let next = safe_next(f.next.as_deref());
+    let Some(pending) = pending_session(&s, &headers).await else {
+        return login_to(&next);
+    };
+    if !csrf_ok(&headers, &f.csrf) {
+        return totp_form(&s, &next, Some("Your form expired. Please try again."));
+    }
+    match s
+        .vault
+        .sign_in_totp(&pending, &f.code, meta.client_ip)
+        .await
+    {
+        Ok(SignIn::Session(token)) => signed_in(&s, &token, &next),
+        Ok(SignIn::Throttled(wait)) => throttled(wait),
+        Ok(_) => totp_form(
+            &s,
+            &next,
+            Some("That code is not valid. Enter the current code."),
         ),
+        Err(e) => unavailable(&e),
     }
 }
 

@@ -172,6 +172,8 @@ fn user_row(r: &SqliteRow) -> User {
         id: r.get("id"),
         username: r.get("username"),
         password_hash: r.get("password_hash"),
+        totp_seed: r.get("totp_seed"),
+        totp_enabled: r.get::<i64, _>("totp_enabled") != 0,
         created_at: r.get("created_at"),
     }
 }
@@ -251,6 +253,7 @@ const SEALED_COLUMNS: &[(&str, &str, &str)] = &[
     ("server_secrets", "value", "name"),
     ("connect_flows", "code_verifier", "state_hash"),
     ("scoped_tokens", "access_token", "id"),
+    ("users", "totp_seed", "id"),
 ];
 
 #[async_trait]
@@ -424,6 +427,45 @@ impl Store for SqliteStore {
         }
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(unavailable)
+    }
+
+    async fn set_totp(
+        &self,
+        user_id: &str,
+        seed: Option<&[u8]>,
+        enabled: bool,
+        audit: &AuditRecord,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query(
+            "UPDATE users SET totp_seed = ?, totp_enabled = ?, totp_last_step = NULL WHERE id = ?",
+        )
+        .bind(seed)
+        .bind(enabled as i64)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn consume_totp_step(&self, user_id: &str, step: i64) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE users SET totp_last_step = ? WHERE id = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
+        )
+        .bind(step)
+        .bind(user_id)
+        .bind(step)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        Ok(n == 1)
     }
 
     async fn list_users(&self) -> StoreResult<Vec<User>> {
@@ -865,25 +907,41 @@ impl Store for SqliteStore {
         Ok(n)
     }
 
-    async fn insert_session(&self, hash: &str, user_id: &str, expires_at: i64) -> StoreResult<()> {
-        sqlx::query("INSERT INTO sessions (hash, user_id, expires_at) VALUES (?, ?, ?)")
-            .bind(hash)
-            .bind(user_id)
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+    async fn insert_session(
+        &self,
+        hash: &str,
+        session: &Session,
+        expires_at: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO sessions (hash, user_id, auth_methods, authenticated_at, pending_mfa, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(hash)
+        .bind(&session.user_id)
+        .bind(&session.auth_methods)
+        .bind(session.authenticated_at)
+        .bind(session.pending_mfa as i64)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
         Ok(())
     }
 
-    async fn session_user(&self, hash: &str, now: i64) -> StoreResult<Option<String>> {
-        let row = sqlx::query("SELECT user_id FROM sessions WHERE hash = ? AND expires_at > ?")
+    async fn session(&self, hash: &str, now: i64) -> StoreResult<Option<Session>> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE hash = ? AND expires_at > ?")
             .bind(hash)
             .bind(now)
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        Ok(row.map(|r| r.get("user_id")))
+        Ok(row.map(|r| Session {
+            user_id: r.get("user_id"),
+            auth_methods: r.get("auth_methods"),
+            authenticated_at: r.get("authenticated_at"),
+            pending_mfa: r.get::<i64, _>("pending_mfa") != 0,
+        }))
     }
 
     async fn delete_session(&self, hash: &str) -> StoreResult<()> {

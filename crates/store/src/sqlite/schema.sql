@@ -17,6 +17,10 @@ CREATE TABLE users (
     id             TEXT PRIMARY KEY,
     username       TEXT NOT NULL UNIQUE,
     password_hash  TEXT,
+    totp_seed      BLOB,
+    totp_enabled   INTEGER NOT NULL DEFAULT 0,
+    -- The last TOTP step accepted: a code is never accepted twice.
+    totp_last_step INTEGER,
     created_at     INTEGER NOT NULL
 );
 
@@ -96,9 +100,12 @@ CREATE TABLE used_jtis (
 CREATE INDEX used_jtis_expiry ON used_jtis(expires_at);
 
 CREATE TABLE sessions (
-    hash        TEXT PRIMARY KEY,
-    user_id     TEXT NOT NULL REFERENCES users(id),
-    expires_at  INTEGER NOT NULL
+    hash              TEXT PRIMARY KEY,
+    user_id           TEXT NOT NULL REFERENCES users(id),
+    auth_methods      TEXT NOT NULL,
+    authenticated_at  INTEGER NOT NULL,
+    pending_mfa       INTEGER NOT NULL DEFAULT 0,
+    expires_at        INTEGER NOT NULL
 );
 
 CREATE TABLE connect_flows (

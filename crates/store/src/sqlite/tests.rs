@@ -26,6 +26,8 @@ async fn seed(s: &SqliteStore) -> ConnectedAccount {
             id: "usr_1".into(),
             username: "alice".into(),
             password_hash: None,
+            totp_seed: None,
+            totp_enabled: false,
             created_at: 1,
         },
         &audit("u"),
@@ -76,6 +78,8 @@ async fn reopen_is_idempotent_and_file_is_private() {
             id: "u".into(),
             username: "x".into(),
             password_hash: None,
+            totp_seed: None,
+            totp_enabled: false,
             created_at: 1,
         },
         &audit("u"),
@@ -102,6 +106,8 @@ async fn duplicate_username_is_a_conflict_and_writes_nothing() {
         id: "u1".into(),
         username: "alice".into(),
         password_hash: None,
+        totp_seed: None,
+        totp_enabled: false,
         created_at: 1,
     };
     s.insert_user(&u, &audit("user.create")).await.unwrap();
@@ -249,4 +255,38 @@ async fn narrowed_tokens_are_fenced_and_go_with_revocation() {
         .await
         .unwrap();
     assert!(s.scoped_token("cac_1 a").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn totp_steps_are_used_once_and_sessions_keep_their_authentication() {
+    let (_d, s) = store().await;
+    seed(&s).await;
+    s.set_totp("usr_1", Some(&[1, 2, 3]), true, &audit("user.totp"))
+        .await
+        .unwrap();
+    let u = s.user_by_id("usr_1").await.unwrap().unwrap();
+    assert_eq!((u.totp_seed, u.totp_enabled), (Some(vec![1, 2, 3]), true));
+    assert!(s.consume_totp_step("usr_1", 100).await.unwrap());
+    assert!(
+        !s.consume_totp_step("usr_1", 100).await.unwrap(),
+        "the same step twice"
+    );
+    assert!(
+        !s.consume_totp_step("usr_1", 99).await.unwrap(),
+        "an earlier step"
+    );
+    assert!(s.consume_totp_step("usr_1", 101).await.unwrap());
+    assert!(matches!(
+        s.set_totp("nobody", None, false, &audit("user.totp")).await,
+        Err(StoreError::NotFound)
+    ));
+    let session = Session {
+        user_id: "usr_1".into(),
+        auth_methods: "pwd otp".into(),
+        authenticated_at: 5,
+        pending_mfa: false,
+    };
+    s.insert_session("h", &session, 50).await.unwrap();
+    assert_eq!(s.session("h", 10).await.unwrap(), Some(session));
+    assert_eq!(s.session("h", 60).await.unwrap(), None, "expired");
 }
