@@ -68,6 +68,12 @@ enum Command {
         after_help = "Example:\n  latchkey agent grant agt_… --connection demo-git --scopes repo:read"
     )]
     Agent(AgentCmd),
+    /// Manage apps: clients whose users sign in through Latchkey (OpenID Connect).
+    #[command(
+        subcommand,
+        after_help = "Example:\n  latchkey app add notes-app --redirect-uri https://notes.example/callback --json"
+    )]
+    App(AppCmd),
     /// Inspect and revoke connected accounts.
     #[command(
         subcommand,
@@ -139,40 +145,94 @@ enum UserCmd {
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 enum ConnectionCmd {
-    /// Register an upstream provider.
-    #[command(
-        after_help = "Examples:\n  latchkey connection add demo-git --provider demo\n  \
-        latchkey connection add github --authorize-url https://github.com/login/oauth/authorize \\\n      \
-        --token-url https://github.com/login/oauth/access_token --client-id Iv1.abc \\\n      \
-        --client-secret-file github.secret --scopes 'repo read:user' --userinfo-url https://api.github.com/user"
-    )]
+    /// Register an upstream provider: from the catalog (`connection providers`), by OpenID
+    /// discovery (`--provider oidc --issuer`), or with explicit endpoints (`--provider oauth2`).
+    #[command(after_help = "Examples:\n  \
+        latchkey connection add github --provider github --client-id Iv1.abc --client-secret-file github.secret\n  \
+        latchkey connection add gmail --provider google --client-id 123.apps.googleusercontent.com \\\n      \
+        --client-secret-file google.secret --scopes 'openid email https://www.googleapis.com/auth/gmail.readonly'\n  \
+        latchkey connection add corp --provider oidc --issuer https://login.example.com/realms/corp \\\n      \
+        --client-id latchkey --client-secret-file corp.secret\n  \
+        latchkey connection add internal --provider oauth2 --authorize-url https://idp.example/authorize \\\n      \
+        --token-url https://idp.example/token --client-id latchkey --client-secret-file idp.secret --scopes 'read write'\n  \
+        latchkey connection add demo-git --provider demo")]
     Add {
         name: String,
-        /// `demo` (the built-in demo provider) or `oauth2` (generic endpoints below).
+        /// A catalog provider (github, google, …; see `connection providers`), `oidc` (endpoints
+        /// discovered from --issuer), `oauth2` (endpoints given below) or `demo` (built in).
         #[arg(long, default_value = "oauth2")]
         provider: String,
+        /// OpenID issuer URL (`--provider oidc`): endpoints come from its discovery document.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// Authorization endpoint (required for `oauth2`; overrides the catalog's).
         #[arg(long)]
         authorize_url: Option<String>,
+        /// Token endpoint (required for `oauth2`; overrides the catalog's).
         #[arg(long)]
         token_url: Option<String>,
+        /// RFC 7009 revocation endpoint (overrides the catalog's).
         #[arg(long)]
         revoke_url: Option<String>,
+        /// Where to read the user's id at the provider (overrides the catalog's).
         #[arg(long)]
         userinfo_url: Option<String>,
+        /// The provider's API base URL (overrides the catalog's).
         #[arg(long)]
         api_base_url: Option<String>,
+        /// The client id Latchkey was registered with at the provider.
         #[arg(long)]
         client_id: Option<String>,
         /// File holding the upstream client secret (or set LATCHKEY_CLIENT_SECRET).
         #[arg(long)]
         client_secret_file: Option<PathBuf>,
-        /// Scopes requested when a user connects (space- or comma-separated).
+        /// Scopes requested when a user connects (space- or comma-separated). Replaces the
+        /// provider's default scopes; its offline-access scopes are always added.
         #[arg(long, default_value = "")]
         scopes: String,
+    },
+    /// List the providers Latchkey knows: endpoints, default scopes and quirks come from its
+    /// catalog, so `connection add --provider NAME` needs only client credentials.
+    #[command(
+        after_help = "Examples:\n  latchkey connection providers\n  latchkey connection providers --json | jq '.[] | select(.name == \"google\")'"
+    )]
+    Providers {
+        /// Print the whole catalog as JSON (for scripts).
+        #[arg(long)]
+        json: bool,
     },
     /// List connections.
     #[command(after_help = "Example:\n  latchkey connection list")]
     List {
+        /// Print JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppCmd {
+    /// Register an app. Confidential apps get a client secret (printed once); public apps
+    /// (single-page, mobile) rely on PKCE alone. Use `agent grant` to let an app use the vault.
+    #[command(
+        after_help = "Examples:\n  latchkey app add notes-app --redirect-uri https://notes.example/callback --json\n  \
+        latchkey app add notes-spa --public --redirect-uri http://127.0.0.1:3000/callback\n  \
+        latchkey app add notes-api --resource-server https://api.notes.example --json"
+    )]
+    Add {
+        name: String,
+        /// Exact redirect URI (https, or http on loopback); repeat for several.
+        #[arg(long = "redirect-uri")]
+        redirect_uris: Vec<String>,
+        /// A public app: no client secret.
+        #[arg(long)]
+        public: bool,
+        /// Rotate refresh tokens on use (leave off for apps that exchange them at the vault).
+        #[arg(long)]
+        rotate_refresh_tokens: bool,
+        /// The API identifier this client serves (lets it exchange users' access tokens).
+        #[arg(long)]
+        resource_server: Option<String>,
         /// Print JSON (for scripts).
         #[arg(long)]
         json: bool,
@@ -386,6 +446,33 @@ fn print_walkthrough(server: &Server, info: &demo::DemoInfo) {
     );
 }
 
+/// `latchkey connection providers`: the catalog, plus the generic providers.
+fn print_providers(json: bool) {
+    if json {
+        print_json(&serde_json::json!(catalog::providers()));
+        return;
+    }
+    for p in catalog::providers() {
+        let scopes: Vec<&str> = p
+            .default_scopes
+            .iter()
+            .chain(&p.offline_scopes)
+            .map(String::as_str)
+            .collect();
+        let scopes = if scopes.is_empty() {
+            "(no scopes)".to_owned()
+        } else {
+            scopes.join(" ")
+        };
+        println!("{:<11} {:<30} {scopes}", p.name, p.display_name);
+    }
+    println!(
+        "\nGeneric: oidc (--issuer URL: endpoints by OpenID discovery), oauth2 (--authorize-url and \
+         --token-url), demo (the built-in demo provider).\n\
+         Details and caveats per provider: latchkey connection providers --json"
+    );
+}
+
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -405,6 +492,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve(g, &args, false).await,
         Command::Demo(args) => serve(g, &args, true).await,
         Command::Token(args) => token::run(args).await,
+        Command::Connection(ConnectionCmd::Providers { json }) => {
+            print_providers(json);
+            Ok(())
+        }
         other => {
             let config = load_config(g, None)?;
             init_logging("warn");
@@ -482,6 +573,7 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
         Command::Connection(ConnectionCmd::Add {
             name,
             provider,
+            issuer,
             authorize_url,
             token_url,
             revoke_url,
@@ -491,6 +583,9 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
             client_secret_file,
             scopes,
         }) => {
+            if issuer.is_some() != (provider == catalog::OIDC) {
+                bail!("--issuer goes with --provider oidc, and --provider oidc needs --issuer");
+            }
             let new = if provider == catalog::DEMO {
                 demo::demo_connection(vault, &name).await?
             } else {
@@ -506,23 +601,50 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                     ),
                     (None, s) => s,
                 };
-                NewConnection {
+                let mut new = NewConnection {
                     name,
                     provider,
                     client_id: client_id.context("--client-id is required")?,
                     client_secret: secret.map(SecretString::from),
-                    authorize_url: authorize_url.context("--authorize-url is required")?,
-                    token_url: token_url.context("--token-url is required")?,
+                    authorize_url: authorize_url.unwrap_or_default(),
+                    token_url: token_url.unwrap_or_default(),
                     revoke_url,
                     userinfo_url,
                     api_base_url,
                     scopes: Scopes::parse(&scopes),
+                };
+                if let Some(issuer) = issuer {
+                    if !new.authorize_url.is_empty()
+                        || !new.token_url.is_empty()
+                        || new.revoke_url.is_some()
+                        || new.userinfo_url.is_some()
+                    {
+                        bail!(
+                            "--provider oidc takes its endpoints from --issuer's discovery document"
+                        );
+                    }
+                    let found = vault.discover_oidc(&issuer).await?;
+                    new.authorize_url = found.authorize_url;
+                    new.token_url = found.token_url;
+                    new.revoke_url = found.revoke_url;
+                    new.userinfo_url = found.userinfo_url;
+                    if new.scopes.is_empty() {
+                        new.scopes = found.default_scopes;
+                    }
+                } else if new.provider == catalog::GENERIC
+                    && (new.authorize_url.is_empty() || new.token_url.is_empty())
+                {
+                    bail!(
+                        "--provider oauth2 needs --authorize-url and --token-url \
+                         (or pick a catalog provider: `latchkey connection providers`)"
+                    );
                 }
+                new
             };
             let c = vault.add_connection(new, &actor).await?;
             println!(
-                "created connection {} ({}, provider {})",
-                c.name, c.id, c.provider
+                "created connection {} ({}, provider {}, scopes `{}`)",
+                c.name, c.id, c.provider, c.scopes
             );
         }
         Command::Connection(ConnectionCmd::List { json }) => {
@@ -535,6 +657,41 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
             } else {
                 for c in list {
                     println!("{}\t{}\t{}\t{}", c.id, c.name, c.provider, c.scopes);
+                }
+            }
+        }
+        Command::App(AppCmd::Add {
+            name,
+            redirect_uris,
+            public,
+            rotate_refresh_tokens,
+            resource_server,
+            json,
+        }) => {
+            let (app, secret) = vault
+                .add_client(
+                    latchkey_core::vault::NewClient {
+                        name,
+                        with_secret: !public,
+                        redirect_uris,
+                        public_client: public,
+                        rotate_refresh_tokens,
+                        resource_server,
+                        ..Default::default()
+                    },
+                    &actor,
+                )
+                .await?;
+            let secret = secret.map(|s| secrecy::ExposeSecret::expose_secret(&s).to_owned());
+            if json {
+                print_json(&serde_json::json!({
+                    "client_id": app.id, "name": app.name, "client_secret": secret,
+                    "redirect_uris": app.redirect_uris, "public": app.public_client,
+                }));
+            } else {
+                println!("created app {} with client id {}", app.name, app.id);
+                if let Some(s) = secret {
+                    println!("client secret (shown once, stored only as a hash): {s}");
                 }
             }
         }
@@ -668,7 +825,10 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                 report.new_version, report.resealed
             );
         }
-        Command::Serve(_) | Command::Demo(_) | Command::Token(_) => unreachable!("handled by run"),
+        Command::Serve(_)
+        | Command::Demo(_)
+        | Command::Token(_)
+        | Command::Connection(ConnectionCmd::Providers { .. }) => unreachable!("handled by run"),
     }
     Ok(())
 }

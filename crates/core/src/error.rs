@@ -58,6 +58,10 @@ impl OAuthError {
     pub fn unauthorized_client(d: impl Into<String>) -> Self {
         Self::client(403, "unauthorized_client", d)
     }
+    /// A bearer token presented to a resource (e.g. `/userinfo`) is not valid.
+    pub fn invalid_token(d: impl Into<String>) -> Self {
+        Self::client(401, "invalid_token", d)
+    }
     pub fn invalid_scope(d: impl Into<String>) -> Self {
         Self::client(400, "invalid_scope", d)
     }

@@ -107,13 +107,53 @@ pub struct ScopedToken {
     pub expires_at: Option<i64>,
 }
 
-#[derive(Clone, Debug)]
+/// A registered OAuth client: an agent (keys and/or a secret, for the token exchange), an app
+/// whose users sign in through `/authorize` (redirect URIs), or both.
+#[derive(Clone, Debug, Default)]
 pub struct Agent {
     pub id: String,
     pub name: String,
     /// HMAC-SHA-256 of the client secret under the server pepper; `None` if key-only.
     pub secret_hash: Option<String>,
     pub disabled: bool,
+    /// Exact redirect URIs (apps only).
+    pub redirect_uris: Vec<String>,
+    /// A public app (no secret; PKCE is its only proof).
+    pub public_client: bool,
+    /// Rotate this app's refresh tokens on use (off for apps that use the vault, as Auth0 requires).
+    pub rotate_refresh_tokens: bool,
+    /// The API identifier this client serves, for the access-token exchange.
+    pub resource_server: Option<String>,
+    pub created_at: i64,
+}
+
+/// An authorization code (stored as a hash), bound to everything it was issued for.
+#[derive(Clone, Debug)]
+pub struct AuthCode {
+    pub hash: String,
+    pub client_id: String,
+    pub user_id: String,
+    pub redirect_uri: String,
+    pub scope: Scopes,
+    pub nonce: Option<String>,
+    pub code_challenge: String,
+    pub audience: String,
+    pub auth_time: i64,
+    /// `pwd` or `pwd otp`.
+    pub amr: String,
+    pub expires_at: i64,
+}
+
+/// What one sign-in granted an app: its refresh tokens and access tokens derive from it.
+#[derive(Clone, Debug)]
+pub struct TokenFamily {
+    pub id: String,
+    pub client_id: String,
+    pub user_id: String,
+    pub scope: Scopes,
+    pub auth_time: i64,
+    pub amr: String,
+    pub revoked: bool,
     pub created_at: i64,
 }
 

@@ -56,6 +56,25 @@ pub enum ReleaseError {
     Store(#[from] StoreError),
 }
 
+/// What redeeming an authorization code found.
+#[derive(Debug)]
+pub enum CodeRedemption {
+    Fresh(Box<AuthCode>),
+    /// Used before: the family issued from it (if any) must be revoked.
+    Reused {
+        family_id: Option<String>,
+    },
+    Unknown,
+}
+
+/// A refresh token's row and its family.
+#[derive(Debug, Clone)]
+pub struct RefreshTokenRecord {
+    /// `active` or `rotated`.
+    pub state: String,
+    pub family: TokenFamily,
+}
+
 /// A pending connect request (authorization code + PKCE towards the provider).
 #[derive(Clone, Debug)]
 pub struct ConnectFlow {
@@ -190,6 +209,32 @@ pub trait Store: Send + Sync + 'static {
         state_hash: &str,
         now: i64,
     ) -> StoreResult<Option<ConnectFlow>>;
+
+    // Apps: authorization codes and token families.
+    async fn insert_auth_code(&self, code: &AuthCode) -> StoreResult<()>;
+    /// Mark the code used, atomically; tells a first use from a replay.
+    async fn redeem_auth_code(&self, hash: &str) -> StoreResult<CodeRedemption>;
+    /// In one transaction: the family, its first refresh token (if any), the code's link to the
+    /// family, and the audit entry.
+    async fn insert_token_family(
+        &self,
+        family: &TokenFamily,
+        code_hash: &str,
+        refresh_hash: Option<&str>,
+        audit: &AuditRecord,
+    ) -> StoreResult<()>;
+    async fn refresh_token(&self, hash: &str) -> StoreResult<Option<RefreshTokenRecord>>;
+    /// Replace an active refresh token by a new one of the same family (false if it was no
+    /// longer active: a concurrent use won).
+    async fn rotate_refresh_token(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        now: i64,
+    ) -> StoreResult<bool>;
+    async fn token_family(&self, id: &str) -> StoreResult<Option<TokenFamily>>;
+    /// Revoke a family and everything derived from it.
+    async fn revoke_token_family(&self, id: &str, audit: &AuditRecord) -> StoreResult<()>;
 
     // Audit.
     async fn append_audit(&self, audit: &AuditRecord) -> StoreResult<()>;

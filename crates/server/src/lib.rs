@@ -14,7 +14,6 @@ pub mod config;
 pub mod demo;
 mod http;
 pub mod kek;
-mod signing;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -174,9 +173,8 @@ impl Server {
         } else {
             None
         };
-        let signing = signing::load_or_create(&vault).await?;
         let router = http::router(
-            http::AppState::new(vault.clone(), signing, tls.is_some()),
+            http::AppState::new(vault.clone(), tls.is_some()),
             demo.as_ref(),
         );
         Ok(Self {

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use latchkey_core::scope::Scopes;
-use latchkey_core::upstream::{Endpoints, Upstream, UpstreamError, UpstreamTokens};
+use latchkey_core::upstream::{
+    ClientAuth, Endpoints, Upstream, UpstreamError, UpstreamTokens, Wire,
+};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -69,44 +71,69 @@ impl HttpUpstream {
         let status = resp.status();
         let retry_after = retry_after(&resp);
         let bytes = read_capped(resp).await?;
-        if status.is_success() {
-            return parse_tokens(&bytes);
+        token_answer(status, retry_after, &bytes, &ep.wire)
+    }
+}
+
+/// Classify a token-endpoint answer: tokens, a dead grant (`invalid_grant` or what the
+/// provider calls it), a transient failure, or malformed data.
+fn token_answer(
+    status: StatusCode,
+    retry_after: Option<u64>,
+    bytes: &[u8],
+    wire: &Wire,
+) -> Result<UpstreamTokens, UpstreamError> {
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        return Err(UpstreamError::Transient {
+            message: format!("token endpoint answered {status}"),
+            retry_after,
+        });
+    }
+    let json = serde_json::from_slice::<serde_json::Value>(bytes).ok();
+    let code = json
+        .as_ref()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()));
+    // Some providers (GitHub, Slack) answer errors with 200 and an `error` member.
+    let is_error = !status.is_success()
+        || json
+            .as_ref()
+            .is_some_and(|v| token_object(v, wire).is_none() && code.is_some());
+    if !is_error {
+        return parse_tokens(bytes, wire);
+    }
+    match code {
+        Some(c) if c == "invalid_grant" || wire.invalid_grant_errors.iter().any(|e| e == c) => {
+            Err(UpstreamError::InvalidGrant(sanitize(c)))
         }
-        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            return Err(UpstreamError::Transient {
-                message: format!("token endpoint answered {status}"),
-                retry_after,
-            });
-        }
-        let code = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned));
-        match code.as_deref() {
-            Some("invalid_grant") => Err(UpstreamError::InvalidGrant("invalid_grant".into())),
-            Some(other) => Err(UpstreamError::Protocol(format!(
-                "token endpoint answered {status} {}",
-                sanitize(other)
-            ))),
-            None => Err(UpstreamError::Protocol(format!(
-                "token endpoint answered {status}"
-            ))),
-        }
+        Some(other) => Err(UpstreamError::Protocol(format!(
+            "token endpoint answered {status} {}",
+            sanitize(other)
+        ))),
+        None => Err(UpstreamError::Protocol(format!(
+            "token endpoint answered {status}"
+        ))),
     }
 }
 
 /// Authenticate as the vault's client: `client_secret_basic` when there is a secret (its parts
-/// form-encoded first, RFC 6749 §2.3.1), else a public client naming itself in the body.
+/// form-encoded first, RFC 6749 §2.3.1) or `client_secret_post` where the catalog says the
+/// provider expects it, else a public client naming itself in the body.
 fn client_auth<'a>(
     req: reqwest::RequestBuilder,
     ep: &'a Endpoints,
     body: &mut Vec<(&str, &'a str)>,
 ) -> reqwest::RequestBuilder {
-    match &ep.client_secret {
-        Some(secret) => req.basic_auth(
+    match (&ep.client_secret, ep.wire.client_auth) {
+        (Some(secret), ClientAuth::Basic) => req.basic_auth(
             form_encode(&ep.client_id),
             Some(form_encode(secret.expose_secret())),
         ),
-        None => {
+        (Some(secret), ClientAuth::Post) => {
+            body.push(("client_id", &ep.client_id));
+            body.push(("client_secret", secret.expose_secret()));
+            req
+        }
+        (None, _) => {
             body.push(("client_id", &ep.client_id));
             req
         }
@@ -158,9 +185,20 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, UpstreamErr
     Ok(out)
 }
 
-fn parse_tokens(bytes: &[u8]) -> Result<UpstreamTokens, UpstreamError> {
-    let v: serde_json::Value = serde_json::from_slice(bytes)
+/// The object holding the token fields: the provider's nested one when present (Slack's
+/// `authed_user`), else the top level; `None` when neither has an `access_token`.
+fn token_object<'v>(v: &'v serde_json::Value, wire: &Wire) -> Option<&'v serde_json::Value> {
+    let nested = wire.token_nested_in.as_deref().and_then(|k| v.get(k));
+    [nested, Some(v)]
+        .into_iter()
+        .flatten()
+        .find(|o| o.get("access_token").is_some())
+}
+
+fn parse_tokens(bytes: &[u8], wire: &Wire) -> Result<UpstreamTokens, UpstreamError> {
+    let top: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|_| UpstreamError::Protocol("token response is not JSON".into()))?;
+    let v = token_object(&top, wire).unwrap_or(&top);
     let str_field = |name: &str| -> Result<Option<String>, UpstreamError> {
         match v.get(name) {
             None | Some(serde_json::Value::Null) => Ok(None),
@@ -174,6 +212,7 @@ fn parse_tokens(bytes: &[u8]) -> Result<UpstreamTokens, UpstreamError> {
         .ok_or_else(|| UpstreamError::Protocol("no access_token".into()))?;
     if let Some(t) = str_field("token_type")?
         && !t.eq_ignore_ascii_case("bearer")
+        && !wire.token_types.iter().any(|a| a.eq_ignore_ascii_case(&t))
     {
         return Err(UpstreamError::Protocol("token_type is not Bearer".into()));
     }
@@ -191,7 +230,8 @@ fn parse_tokens(bytes: &[u8]) -> Result<UpstreamTokens, UpstreamError> {
                 .ok_or_else(|| UpstreamError::Protocol("expires_in is not a number".into()))?,
         ),
         Some(_) => return Err(UpstreamError::Protocol("expires_in is not a number".into())),
-    };
+    }
+    .or(wire.assumed_expires_in);
     Ok(UpstreamTokens {
         access_token: SecretString::from(access_token),
         refresh_token: str_field("refresh_token")?.map(SecretString::from),
@@ -227,7 +267,13 @@ impl Upstream for HttpUpstream {
         refresh_token: &SecretString,
         scope: Option<&Scopes>,
     ) -> Result<UpstreamTokens, UpstreamError> {
-        let scope = scope.map(Scopes::to_string_spaced);
+        let scope = scope.map(|s| {
+            let extra = ep.wire.refresh_scope_extra.iter().map(String::as_str);
+            let all: Scopes = s.iter().chain(extra).collect();
+            all.iter()
+                .collect::<Vec<_>>()
+                .join(&ep.wire.scope_separator)
+        });
         let mut form = vec![
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose_secret()),
@@ -268,12 +314,25 @@ impl Upstream for HttpUpstream {
 
     async fn userinfo(
         &self,
-        url: &str,
+        ep: &Endpoints,
         access_token: &SecretString,
     ) -> Result<serde_json::Value, UpstreamError> {
-        let resp = self
-            .client
-            .get(url)
+        let Some(url) = &ep.userinfo_url else {
+            return Err(UpstreamError::Protocol("no user-info URL".into()));
+        };
+        let mut req = match &ep.wire.userinfo_post {
+            None => self.client.get(url),
+            Some(body) if body.is_empty() => self.client.post(url),
+            Some(body) => self
+                .client
+                .post(url)
+                .header("Content-Type", "application/json")
+                .body(body.clone()),
+        };
+        for (name, value) in &ep.wire.userinfo_headers {
+            req = req.header(name.as_str(), value.as_str());
+        }
+        let resp = req
             .bearer_auth(access_token.expose_secret())
             .header("Accept", "application/json")
             .send()
@@ -289,19 +348,40 @@ impl Upstream for HttpUpstream {
         serde_json::from_slice(&bytes)
             .map_err(|_| UpstreamError::Protocol("user info is not JSON".into()))
     }
+
+    async fn get_json(&self, url: &str) -> Result<serde_json::Value, UpstreamError> {
+        let resp = self
+            .client
+            .get(url)
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = resp.status();
+        let bytes = read_capped(resp).await?;
+        if !status.is_success() {
+            return Err(UpstreamError::Protocol(format!("{url} answered {status}")));
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|_| UpstreamError::Protocol(format!("{url} did not answer JSON")))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(bytes: &[u8]) -> Result<UpstreamTokens, UpstreamError> {
+        parse_tokens(bytes, &Wire::default())
+    }
+
     #[test]
     fn token_parsing_is_strict() {
-        let ok = parse_tokens(br#"{"access_token":"a","token_type":"bearer","expires_in":60,"refresh_token":"r","scope":"x,y"}"#).unwrap();
+        let ok = parse(br#"{"access_token":"a","token_type":"bearer","expires_in":60,"refresh_token":"r","scope":"x,y"}"#).unwrap();
         assert_eq!(ok.expires_in, Some(60));
         assert_eq!(ok.scope.unwrap().to_string_spaced(), "x y");
         assert!(
-            parse_tokens(br#"{"access_token":"a","expires_in":"60"}"#)
+            parse(br#"{"access_token":"a","expires_in":"60"}"#)
                 .unwrap()
                 .expires_in
                 == Some(60)
@@ -311,15 +391,92 @@ mod tests {
             br#"{"access_token":""}"#,
             br#"{"access_token":5}"#,
             br#"{"access_token":"a","token_type":"mac"}"#,
+            br#"{"access_token":"a","token_type":"user"}"#,
             br#"{"access_token":"a","expires_in":-1}"#,
             br#"{"access_token":"a","expires_in":[1]}"#,
             br#"not json"#,
         ] {
             assert!(
-                matches!(parse_tokens(bad), Err(UpstreamError::Protocol(_))),
+                matches!(parse(bad), Err(UpstreamError::Protocol(_))),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn catalog_quirks() {
+        let slack = Wire {
+            token_nested_in: Some("authed_user".into()),
+            token_types: vec!["user".into()],
+            ..Wire::default()
+        };
+        let t = parse_tokens(
+            br#"{"ok":true,"access_token":"bot","token_type":"bot","authed_user":{"id":"U1","access_token":"xoxp","token_type":"user","scope":"a,b","refresh_token":"r","expires_in":43200}}"#,
+            &slack,
+        )
+        .unwrap();
+        assert_eq!(t.access_token.expose_secret(), "xoxp");
+        assert_eq!(t.expires_in, Some(43200));
+        assert_eq!(t.scope.unwrap().to_string_spaced(), "a b");
+        // A refresh answer has the fields at the top level.
+        let t = parse_tokens(
+            br#"{"ok":true,"access_token":"x2","token_type":"user"}"#,
+            &slack,
+        );
+        assert_eq!(t.unwrap().access_token.expose_secret(), "x2");
+
+        let salesforce = Wire {
+            assumed_expires_in: Some(900),
+            ..Wire::default()
+        };
+        let t = parse_tokens(
+            br#"{"access_token":"a","token_type":"Bearer"}"#,
+            &salesforce,
+        );
+        assert_eq!(t.unwrap().expires_in, Some(900));
+    }
+
+    #[test]
+    fn errors_in_a_200_answer() {
+        let github = Wire {
+            invalid_grant_errors: vec!["bad_refresh_token".into()],
+            ..Wire::default()
+        };
+        let ok = StatusCode::OK;
+        let dead = token_answer(ok, None, br#"{"error":"bad_refresh_token"}"#, &github);
+        assert!(matches!(dead, Err(UpstreamError::InvalidGrant(_))));
+        let other = token_answer(
+            ok,
+            None,
+            br#"{"ok":false,"error":"invalid_client_id"}"#,
+            &github,
+        );
+        assert!(
+            matches!(other, Err(UpstreamError::Protocol(m)) if m.contains("invalid_client_id"))
+        );
+        let plain = token_answer(
+            StatusCode::BAD_REQUEST,
+            None,
+            br#"{"error":"invalid_grant"}"#,
+            &Wire::default(),
+        );
+        assert!(matches!(plain, Err(UpstreamError::InvalidGrant(_))));
+        let alias_elsewhere = token_answer(
+            StatusCode::BAD_REQUEST,
+            None,
+            br#"{"error":"bad_refresh_token"}"#,
+            &Wire::default(),
+        );
+        assert!(matches!(alias_elsewhere, Err(UpstreamError::Protocol(_))));
+        let busy = token_answer(StatusCode::SERVICE_UNAVAILABLE, Some(7), b"", &github);
+        assert!(matches!(
+            busy,
+            Err(UpstreamError::Transient {
+                retry_after: Some(7),
+                ..
+            })
+        ));
+        assert!(token_answer(ok, None, br#"{"access_token":"a"}"#, &github).is_ok());
     }
 }

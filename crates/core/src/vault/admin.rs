@@ -10,28 +10,11 @@ impl Vault {
 
     pub async fn add_connection(
         &self,
-        new: NewConnection,
+        mut new: NewConnection,
         actor: &Actor,
     ) -> Result<Connection, AdminError> {
         validate_name("connection name", &new.name)?;
-        if !catalog::known_provider(&new.provider) {
-            return Err(AdminError::Invalid(format!(
-                "unknown provider `{}` (known: demo, oauth2)",
-                new.provider
-            )));
-        }
-        if new.provider == catalog::GENERIC {
-            for (what, u) in [
-                ("authorize URL", &new.authorize_url),
-                ("token URL", &new.token_url),
-            ] {
-                let parsed = url::Url::parse(u)
-                    .map_err(|_| AdminError::Invalid(format!("{what} `{u}` is not a URL")))?;
-                if parsed.scheme() != "https" && !is_loopback_host(&parsed) {
-                    return Err(AdminError::Invalid(format!("{what} must use https")));
-                }
-            }
-        }
+        catalog::complete(&mut new).map_err(AdminError::Invalid)?;
         let id = secrets::random_id("con");
         let client_secret = new.client_secret.as_ref().map(|s| {
             self.keys.seal(
@@ -74,21 +57,61 @@ impl Vault {
         with_secret: bool,
         actor: &Actor,
     ) -> Result<(Agent, Option<SecretString>), AdminError> {
-        validate_name("agent name", name)?;
-        if keys.is_empty() && !with_secret {
+        self.add_client(
+            NewClient {
+                name: name.into(),
+                keys: keys.to_vec(),
+                with_secret,
+                ..Default::default()
+            },
+            actor,
+        )
+        .await
+    }
+
+    /// Register a client: an agent, an app whose users sign in through `/authorize`, or both.
+    pub async fn add_client(
+        &self,
+        new: NewClient,
+        actor: &Actor,
+    ) -> Result<(Agent, Option<SecretString>), AdminError> {
+        validate_name("client name", &new.name)?;
+        if new.keys.is_empty() && !new.with_secret && !new.public_client {
             return Err(AdminError::Invalid(
-                "an agent needs a public key or a client secret".into(),
+                "a client needs a public key or a client secret (or to be a public app)".into(),
             ));
         }
-        let secret = with_secret.then(|| secrets::random_token(32));
+        if new.public_client && (new.with_secret || !new.keys.is_empty()) {
+            return Err(AdminError::Invalid(
+                "a public app has no secret and no keys".into(),
+            ));
+        }
+        if new.public_client && new.redirect_uris.is_empty() {
+            return Err(AdminError::Invalid(
+                "a public app needs a redirect URI".into(),
+            ));
+        }
+        for uri in &new.redirect_uris {
+            validate_redirect_uri(uri)?;
+        }
+        let secret = new.with_secret.then(|| secrets::random_token(32));
         let agent = Agent {
-            id: secrets::random_id("agt"),
-            name: name.to_owned(),
+            id: secrets::random_id(if new.redirect_uris.is_empty() {
+                "agt"
+            } else {
+                "app"
+            }),
+            name: new.name.clone(),
             secret_hash: secret.as_deref().map(|s| self.secret_hash(s)),
             disabled: false,
+            redirect_uris: new.redirect_uris.clone(),
+            public_client: new.public_client,
+            rotate_refresh_tokens: new.rotate_refresh_tokens,
+            resource_server: new.resource_server.clone(),
             created_at: self.now(),
         };
-        let rows: Vec<AgentKey> = keys
+        let rows: Vec<AgentKey> = new
+            .keys
             .iter()
             .map(|k| AgentKey {
                 agent_id: agent.id.clone(),
@@ -99,8 +122,13 @@ impl Vault {
             })
             .collect();
         let audit = AuditRecord {
-            reason: Some(format!("{} key(s), secret: {with_secret}", rows.len())),
-            ..self.audit(actor, "agent.create")
+            reason: Some(format!(
+                "{} key(s), secret: {}, redirect URIs: {}",
+                rows.len(),
+                new.with_secret,
+                agent.redirect_uris.len()
+            )),
+            ..self.audit(actor, "client.create")
         };
         self.store.insert_agent(&agent, &rows, &audit).await?;
         Ok((agent, secret.map(SecretString::from)))
@@ -234,5 +262,32 @@ fn is_loopback_host(u: &url::Url) -> bool {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
+    }
+}
+
+/// What registering a client takes (see [`Vault::add_client`]).
+#[derive(Clone, Debug, Default)]
+pub struct NewClient {
+    pub name: String,
+    pub keys: Vec<PublicKey>,
+    pub with_secret: bool,
+    pub redirect_uris: Vec<String>,
+    pub public_client: bool,
+    pub rotate_refresh_tokens: bool,
+    pub resource_server: Option<String>,
+}
+
+/// Redirect URIs are matched exactly later, so they must be exact now: absolute, https (or
+/// http on loopback), no fragment, no wildcards.
+fn validate_redirect_uri(uri: &str) -> Result<(), AdminError> {
+    let bad = |why: &str| AdminError::Invalid(format!("redirect URI `{uri}` {why}"));
+    let parsed = url::Url::parse(uri).map_err(|_| bad("is not an absolute URL"))?;
+    if parsed.fragment().is_some() || uri.contains('*') {
+        return Err(bad("must not have a fragment or wildcard"));
+    }
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(&parsed) => Ok(()),
+        _ => Err(bad("must use https (http only on loopback)")),
     }
 }

@@ -1,4 +1,5 @@
-//! Connecting an account: authorization code + PKCE towards the provider.
+//! Connecting an account: authorization code + PKCE towards the provider, with the request
+//! shaped by the provider's catalog entry; and OpenID discovery for new `oidc` connections.
 
 use super::*;
 
@@ -42,22 +43,23 @@ impl Vault {
             .insert_connect_flow(&flow)
             .await
             .map_err(store_err)?;
-        let mut url = url_with_query(
-            &ep.authorize_url,
-            &[
-                ("response_type", "code"),
-                ("client_id", &ep.client_id),
-                ("redirect_uri", &redirect_uri),
-                ("scope", &conn.scopes.to_string_spaced()),
-                ("state", &state),
-                ("code_challenge", &challenge),
-                ("code_challenge_method", "S256"),
-            ],
+        let provider_params = catalog::authorize_params(&conn);
+        let mut params = vec![
+            ("response_type", "code"),
+            ("client_id", ep.client_id.as_str()),
+            ("redirect_uri", redirect_uri.as_str()),
+        ];
+        params.extend(
+            provider_params
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
         );
-        if conn.scopes.is_empty() {
-            url = url.replace("&scope=&", "&");
-        }
-        Ok(url)
+        params.extend([
+            ("state", state.as_str()),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ]);
+        Ok(url_with_query(&ep.authorize_url, &params))
     }
 
     /// Finish a connect flow for the signed-in `user_id` with the provider's `code`.
@@ -111,14 +113,8 @@ impl Vault {
                 other => OAuthError::upstream_unavailable(format!("{}: {other}", conn.name), 5),
             })?;
         let upstream_account_id = match &ep.userinfo_url {
-            Some(url) => match self.upstream.userinfo(url, &tokens.access_token).await {
-                Ok(info) => ["id", "sub", "login"]
-                    .iter()
-                    .find_map(|k| match info.get(*k) {
-                        Some(serde_json::Value::String(s)) => Some(s.clone()),
-                        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-                        _ => None,
-                    }),
+            Some(_) => match self.upstream.userinfo(&ep, &tokens.access_token).await {
+                Ok(info) => catalog::upstream_account_id(&conn, &info),
                 Err(e) => {
                     tracing::warn!(connection = %conn.name, error = %e, "could not read the upstream account id");
                     None
@@ -166,20 +162,18 @@ impl Vault {
         account.id = id;
         Ok(account)
     }
-}
 
-fn url_with_query(base: &str, pairs: &[(&str, &str)]) -> String {
-    let mut s = String::from(base);
-    s.push(if base.contains('?') { '&' } else { '?' });
-    let encoded: Vec<String> = pairs
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "{k}={}",
-                url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()
-            )
-        })
-        .collect();
-    s.push_str(&encoded.join("&"));
-    s
+    /// Read an OpenID provider's discovery document once, for `connection add --provider
+    /// oidc`: the endpoints to store on the connection, checked against `issuer` (see
+    /// [`catalog::from_discovery`]).
+    pub async fn discover_oidc(&self, issuer: &str) -> Result<catalog::Discovered, AdminError> {
+        catalog::check_url("issuer", issuer).map_err(AdminError::Invalid)?;
+        let url = catalog::discovery_url(issuer);
+        let doc = self
+            .upstream
+            .get_json(&url)
+            .await
+            .map_err(|e| AdminError::Invalid(format!("reading {url}: {e}")))?;
+        catalog::from_discovery(issuer, &doc).map_err(AdminError::Invalid)
+    }
 }

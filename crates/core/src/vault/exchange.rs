@@ -1,10 +1,11 @@
-//! The token endpoint: client authentication, the privileged-worker subject token, and the
+//! The token endpoint: client authentication, grant dispatch, the three token-vault subject
+//! types (privileged-worker JWT, Latchkey refresh token, Latchkey access token), and the
 //! release decision.
 
 use super::*;
 
-struct AuthenticatedClient {
-    agent: Agent,
+pub(super) struct AuthenticatedClient {
+    pub(super) agent: Agent,
     method: &'static str,
     keys: Option<Vec<PublicKey>>,
     assertion_jti: Option<JtiUse>,
@@ -48,15 +49,24 @@ impl Vault {
                 retry_after,
             ));
         }
-        if grant_type != GRANT_TOKEN_VAULT {
-            return Err(OAuthError::unsupported_grant_type(format!(
-                "grant_type `{grant_type}` is not supported; use {GRANT_TOKEN_VAULT}"
-            )));
+        match grant_type {
+            GRANT_TOKEN_VAULT => self.token_vault_exchange(params, client, ctx).await,
+            "authorization_code" if !client.agent.redirect_uris.is_empty() => {
+                self.code_grant(params, &client.agent).await
+            }
+            "refresh_token" if !client.agent.redirect_uris.is_empty() => {
+                self.refresh_grant(params, &client.agent).await
+            }
+            "authorization_code" | "refresh_token" => Err(OAuthError::unauthorized_client(
+                "this client is not an app with redirect URIs",
+            )),
+            other => Err(OAuthError::unsupported_grant_type(format!(
+                "grant_type `{other}` is not supported"
+            ))),
         }
-        self.token_vault_exchange(params, client, ctx).await
     }
 
-    async fn authenticate_client(
+    pub(super) async fn authenticate_client(
         &self,
         params: &Params,
         basic: Option<BasicCredentials>,
@@ -66,6 +76,18 @@ impl Vault {
         let methods = [basic.is_some(), body_secret.is_some(), assertion.is_some()];
         match methods.iter().filter(|m| **m).count() {
             0 => {
+                // Only a public app may name itself without proof (PKCE protects its codes).
+                if let Some(id) = params.get("client_id") {
+                    let agent = self.store.agent_by_id(id).await.map_err(store_err)?;
+                    if let Some(agent) = agent.filter(|a| a.public_client && !a.disabled) {
+                        return Ok(AuthenticatedClient {
+                            agent,
+                            method: "none",
+                            keys: None,
+                            assertion_jti: None,
+                        });
+                    }
+                }
                 return Err(OAuthError::invalid_client(
                     "client authentication is required (client_secret, HTTP Basic, or private_key_jwt)",
                 ));
@@ -243,33 +265,67 @@ impl Vault {
                 "audience and resource are not used by this grant",
             ));
         }
-        match subject_type {
-            TOKEN_TYPE_JWT => {}
-            TOKEN_TYPE_REFRESH | TOKEN_TYPE_ACCESS => {
-                return Err(OAuthError::invalid_request(format!(
-                    "subject_token_type `{subject_type}` is not supported yet; privileged workers use {TOKEN_TYPE_JWT}"
-                )));
+        if client.method == "none" {
+            return Err(OAuthError::invalid_client(
+                "public clients cannot use the token vault; authenticate the app",
+            ));
+        }
+        let agent = &client.agent;
+        let subject = match subject_type {
+            // An unattended agent: a JWT signed by its own key, for this vault, fresh and single-use.
+            TOKEN_TYPE_JWT => {
+                let keys = match &client.keys {
+                    Some(k) => k.clone(),
+                    None => self.agent_public_keys(&agent.id).await?,
+                };
+                let claims = verify_jws(subject_token, TypRule::Exactly(SUBJECT_JWT_TYP), &keys)
+                    .map_err(|e| {
+                        OAuthError::invalid_grant(format!(
+                            "subject_token rejected: {}",
+                            jws_reason(&e)
+                        ))
+                    })?;
+                self.check_subject(&claims, &agent.id).map_err(|why| {
+                    OAuthError::invalid_grant(format!("subject_token rejected: {why}"))
+                })?
+            }
+            // A present user, through the app they signed in to: the app's own refresh token.
+            TOKEN_TYPE_REFRESH => {
+                let hash = secrets::sha256_b64(subject_token.as_bytes());
+                let family = self.live_refresh_token(&hash, agent).await?;
+                Subject {
+                    user_id: family.user_id,
+                    audit_context: None,
+                    jti: None,
+                }
+            }
+            // A present user, through an API (resource server) that received their access token.
+            TOKEN_TYPE_ACCESS => {
+                let Some(api) = agent.resource_server.as_deref() else {
+                    return Err(OAuthError::unauthorized_client(
+                        "only a client registered for an API (resource server) may exchange access tokens",
+                    ));
+                };
+                let token = self
+                    .verify_access_token(subject_token, api)
+                    .await
+                    .map_err(|e| OAuthError {
+                        status: 400,
+                        code: "invalid_grant",
+                        ..e
+                    })?;
+                Subject {
+                    user_id: token.user_id,
+                    audit_context: None,
+                    jti: None,
+                }
             }
             other => {
                 return Err(OAuthError::invalid_request(format!(
                     "unknown subject_token_type `{other}`"
                 )));
             }
-        }
-
-        // The subject token: signed by this agent's key, for this vault, fresh and single-use.
-        let agent = &client.agent;
-        let keys = match client.keys {
-            Some(k) => k,
-            None => self.agent_public_keys(&agent.id).await?,
         };
-        let claims =
-            verify_jws(subject_token, TypRule::Exactly(SUBJECT_JWT_TYP), &keys).map_err(|e| {
-                OAuthError::invalid_grant(format!("subject_token rejected: {}", jws_reason(&e)))
-            })?;
-        let subject = self
-            .check_subject(&claims, &agent.id)
-            .map_err(|why| OAuthError::invalid_grant(format!("subject_token rejected: {why}")))?;
 
         // Policy: deny unless a grant covers (agent, connection, scopes) and the address.
         let connection = self
@@ -364,7 +420,7 @@ impl Vault {
         let mut jtis = Vec::with_capacity(2);
         let assertion_index = client.assertion_jti.as_ref().map(|_| 0);
         jtis.extend(client.assertion_jti);
-        jtis.push(subject.jti);
+        jtis.extend(subject.jti);
         let audit = AuditRecord {
             at: now,
             actor_type: "agent".into(),
@@ -380,7 +436,7 @@ impl Vault {
                 "token {}",
                 secrets::sha256_b64(access_token.expose_secret().as_bytes())
             )),
-            audit_context: Some(subject.audit_context),
+            audit_context: subject.audit_context,
             request_id: ctx.request_id.clone(),
             client_ip: ctx.client_ip.map(|ip| ip.to_string()),
         };
@@ -408,7 +464,9 @@ impl Vault {
             access_token,
             expires_in,
             scope: scope.to_string_spaced(),
-            issued_token_type,
+            issued_token_type: Some(issued_token_type),
+            id_token: None,
+            refresh_token: None,
         })
     }
 
@@ -447,11 +505,11 @@ impl Vault {
             (iat + self.config.subject_max_age).max(exp.unwrap_or(0)) + self.config.future_skew;
         Ok(Subject {
             user_id,
-            audit_context: audit_context.to_owned(),
-            jti: JtiUse {
+            audit_context: Some(audit_context.to_owned()),
+            jti: Some(JtiUse {
                 key: format!("subject:{agent_id}:{jti}"),
                 expires_at,
-            },
+            }),
         })
     }
 
@@ -479,10 +537,13 @@ impl Vault {
     }
 }
 
+/// Who an exchange is for, and what must be recorded about the request.
 struct Subject {
     user_id: String,
-    audit_context: String,
-    jti: JtiUse,
+    /// The agent's stated reason (privileged workers), recorded in the audit entry.
+    audit_context: Option<String>,
+    /// The subject token's single-use identifier, consumed with the release.
+    jti: Option<JtiUse>,
 }
 
 fn valid_jti(c: &Claims) -> Result<String, String> {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use latchkey_crypto::envelope::{Kek, Slot};
 use latchkey_crypto::jws::{Claims, JwsError, PublicKey, TypRule, verify_jws};
+use latchkey_crypto::keygen::SigningKey;
 use latchkey_crypto::secrets;
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
@@ -27,17 +28,19 @@ use crate::model::*;
 use crate::params::Params;
 use crate::refresh::RefreshLocks;
 use crate::scope::Scopes;
-use crate::store::{ConnectFlow, JtiUse, ReleaseError, Store, StoreError};
+use crate::store::{CodeRedemption, ConnectFlow, JtiUse, ReleaseError, Store, StoreError};
 use crate::upstream::{Endpoints, Upstream, UpstreamError, UpstreamTokens};
 
 mod admin;
 mod connect;
 mod exchange;
+mod oidc;
 mod tokens;
 mod users;
 
-pub use admin::{AdminError, RevokeOutcome};
+pub use admin::{AdminError, NewClient, RevokeOutcome};
 pub use exchange::parse_cidr;
+pub use oidc::{ACCESS_TOKEN_TYP, AccessToken, Authorize, MFA_ACR, MY_ACCOUNT_SCOPES};
 pub use users::SignIn;
 
 pub const GRANT_TOKEN_VAULT: &str =
@@ -121,7 +124,12 @@ pub struct TokenResponse {
     pub access_token: SecretString,
     pub expires_in: i64,
     pub scope: String,
-    pub issued_token_type: &'static str,
+    /// Set for token exchanges (RFC 8693).
+    pub issued_token_type: Option<&'static str>,
+    /// For apps' `openid` sign-ins.
+    pub id_token: Option<String>,
+    /// For apps' `offline_access` sign-ins (never for token exchanges).
+    pub refresh_token: Option<SecretString>,
 }
 
 /// New connection settings (CLI and admin API).
@@ -183,6 +191,8 @@ pub struct Vault {
     upstream: Arc<dyn Upstream>,
     pub keys: KeyService,
     pepper: Zeroizing<Vec<u8>>,
+    /// Latchkey's own signing key (ID tokens, access tokens), published in the JWKS.
+    signing: SigningKey,
     refresh_locks: RefreshLocks,
     rate: crate::rate::RateLimiter,
     login_failures: crate::rate::FailureLimiter,
@@ -202,7 +212,22 @@ impl Vault {
         let pepper = keys
             .server_secret(PEPPER_NAME, || secrets::random_bytes(32))
             .await?;
+        let signing_pem = keys
+            .server_secret("signing_key_rs256", || {
+                latchkey_crypto::keygen::generate(latchkey_crypto::Algorithm::RS256)
+                    .private_pem
+                    .as_bytes()
+                    .to_vec()
+            })
+            .await?;
+        let signing = std::str::from_utf8(&signing_pem)
+            .ok()
+            .and_then(|pem| SigningKey::from_pem(pem, latchkey_crypto::Algorithm::RS256, None).ok())
+            .ok_or(KeyError::Envelope(
+                latchkey_crypto::envelope::EnvelopeError::Malformed,
+            ))?;
         Ok(Self {
+            signing,
             config,
             store,
             clock,
@@ -270,4 +295,21 @@ fn validate_name(what: &str, name: &str) -> Result<(), AdminError> {
             "{what} must be 1–64 characters of letters, digits, - _ . @"
         )))
     }
+}
+
+/// `base` with `pairs` appended as a form-encoded query.
+pub(super) fn url_with_query(base: &str, pairs: &[(&str, &str)]) -> String {
+    let mut s = String::from(base);
+    s.push(if base.contains('?') { '&' } else { '?' });
+    let encoded: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k}={}",
+                url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()
+            )
+        })
+        .collect();
+    s.push_str(&encoded.join("&"));
+    s
 }

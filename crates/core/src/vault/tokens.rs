@@ -67,7 +67,10 @@ impl Vault {
         if self.is_fresh(&current) {
             return self.open_access(&current).await;
         }
-        let (current, tokens) = self.call_refresh(current, conn, None).await?;
+        // Some providers (Microsoft) require `scope` on every refresh: the consent, unnarrowed.
+        let consent = current.scopes.clone();
+        let scope = catalog::refresh_needs_scope(conn).then_some(&consent);
+        let (current, tokens) = self.call_refresh(current, conn, scope).await?;
         let updated = self.apply_tokens(current.clone(), tokens, None);
         if !self
             .store

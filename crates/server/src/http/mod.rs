@@ -18,7 +18,6 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use latchkey_core::Vault;
-use latchkey_crypto::keygen::SigningKey;
 use latchkey_demo::DemoProvider;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -33,13 +32,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(vault: Arc<Vault>, signing: SigningKey, tls: bool) -> Self {
-        let jwk: serde_json::Value =
-            serde_json::from_str(&signing.public.to_jwk_json()).unwrap_or_default();
+    pub fn new(vault: Arc<Vault>, tls: bool) -> Self {
         Self {
+            jwks: Arc::new(vault.jwks()),
             vault,
             metrics: prometheus(),
-            jwks: Arc::new(serde_json::json!({ "keys": [jwk] })),
             tls,
         }
     }
@@ -76,6 +73,9 @@ pub struct RequestMeta {
 pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
     let mut app = Router::new()
         .route("/oauth/token", post(oauth::token))
+        .route("/oauth/revoke", post(oauth::revoke))
+        .route("/userinfo", get(oauth::userinfo).post(oauth::userinfo))
+        .route("/authorize", get(web::authorize))
         .route("/.well-known/openid-configuration", get(ops::discovery))
         .route("/.well-known/jwks.json", get(ops::jwks))
         .route("/healthz", get(ops::healthz))

@@ -47,18 +47,74 @@ pub async fn token(
     metrics::histogram!("latchkey_exchange_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     match result {
-        Ok(t) => json_response(
-            StatusCode::OK,
-            &serde_json::json!({
+        Ok(t) => {
+            let mut body = serde_json::json!({
                 "access_token": t.access_token.expose_secret(),
                 "expires_in": t.expires_in,
                 "scope": t.scope,
-                "issued_token_type": t.issued_token_type,
                 "token_type": "Bearer",
-            }),
-            None,
-        ),
+            });
+            if let Some(kind) = t.issued_token_type {
+                body["issued_token_type"] = kind.into();
+            }
+            if let Some(id) = &t.id_token {
+                body["id_token"] = id.as_str().into();
+            }
+            if let Some(r) = &t.refresh_token {
+                body["refresh_token"] = r.expose_secret().into();
+            }
+            json_response(StatusCode::OK, &body, None)
+        }
         Err(e) => oauth_error(&e),
+    }
+}
+
+/// `POST /oauth/revoke` (RFC 7009): 200 with an empty body, also for unknown tokens.
+pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+            OAuthError::invalid_request(format!("request body exceeds {MAX_BODY} bytes"))
+        })?;
+        let params = parse_body(&headers, &bytes)?;
+        let basic = basic_credentials(&headers)?;
+        state.vault.revoke(&params, basic).await
+    }
+    .await;
+    match result {
+        Ok(()) => json_response(StatusCode::OK, &serde_json::json!({}), None),
+        Err(e) => oauth_error(&e),
+    }
+}
+
+/// `GET`/`POST /userinfo` with a bearer access token (RFC 6750 errors).
+pub async fn userinfo(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().to_owned());
+    let result = match bearer {
+        Some(token) => state.vault.userinfo(&token).await,
+        None => Err(OAuthError::invalid_token(
+            "send the access token as `Authorization: Bearer …`",
+        )),
+    };
+    match result {
+        Ok(claims) => json_response(StatusCode::OK, &claims, None),
+        Err(e) => {
+            let mut resp = oauth_error(&e);
+            if e.code == "invalid_token" {
+                let challenge = format!(
+                    "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                    e.description.replace('"', "'")
+                );
+                if let Ok(v) = axum::http::HeaderValue::from_str(&challenge) {
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            resp
+        }
     }
 }
 

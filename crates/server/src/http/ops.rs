@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use latchkey_core::vault::GRANT_TOKEN_VAULT;
+use latchkey_core::vault::{GRANT_TOKEN_VAULT, MFA_ACR, MY_ACCOUNT_SCOPES};
 
 use super::AppState;
 use super::errors::json_response;
@@ -15,12 +15,25 @@ pub async fn discovery(State(s): State<AppState>) -> Response {
         StatusCode::OK,
         &serde_json::json!({
             "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}authorize"),
             "token_endpoint": format!("{issuer}oauth/token"),
+            "userinfo_endpoint": format!("{issuer}userinfo"),
+            "revocation_endpoint": format!("{issuer}oauth/revoke"),
             "jwks_uri": format!("{issuer}.well-known/jwks.json"),
-            "grant_types_supported": [GRANT_TOKEN_VAULT],
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "code_challenge_methods_supported": ["S256"],
+            "grant_types_supported": [GRANT_TOKEN_VAULT, "authorization_code", "refresh_token"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
             "token_endpoint_auth_signing_alg_values_supported": ["RS256", "PS256", "ES256", "EdDSA"],
-            "scopes_supported": [],
+            "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
+            "scopes_supported": ["openid", "profile", "offline_access", MY_ACCOUNT_SCOPES[0], MY_ACCOUNT_SCOPES[1], MY_ACCOUNT_SCOPES[2]],
+            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "amr", "acr", "azp", "preferred_username"],
+            "acr_values_supported": [MFA_ACR],
+            "prompt_values_supported": ["none", "login"],
+            "authorization_response_iss_parameter_supported": true,
         }),
         None,
     );

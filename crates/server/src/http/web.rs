@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use latchkey_core::vault::SignIn;
+use latchkey_core::vault::{Authorize, SignIn};
 
 use super::{AppState, RequestMeta};
 
@@ -69,7 +69,10 @@ async fn session_user(s: &AppState, headers: &HeaderMap) -> Option<String> {
 fn safe_next(next: Option<&str>) -> String {
     match next {
         Some(n)
-            if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') && n.len() < 512 =>
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && n.len() <= 4096 =>
         {
             n.to_owned()
         }
@@ -411,5 +414,45 @@ pub async fn connect_callback(
             "Not connected",
             &esc(&e.description),
         ),
+    }
+}
+
+/// `GET /authorize`: Latchkey as the OpenID provider of first-party apps.
+pub async fn authorize(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let query = uri.query().unwrap_or("");
+    let pairs = url::form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()));
+    let params = match latchkey_core::params::Params::from_pairs(pairs) {
+        Ok(p) => p,
+        Err(e) => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Cannot sign in",
+                &esc(&e.description),
+            );
+        }
+    };
+    let session = match cookie(&headers, SESSION) {
+        Some(token) => s.vault.session(&token).await.ok().flatten(),
+        None => None,
+    };
+    match s.vault.authorize(&params, session.as_ref(), query).await {
+        Ok(Authorize::Redirect(to)) => {
+            let mut resp = (StatusCode::FOUND, [(header::LOCATION, to)]).into_response();
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
+        }
+        Ok(Authorize::SignIn { return_query }) => login_to(&format!("/authorize?{return_query}")),
+        Ok(Authorize::ErrorPage(message)) => page(
+            StatusCode::BAD_REQUEST,
+            "Cannot sign in",
+            &format!("<p>{}</p>", esc(&message)),
+        ),
+        Err(e) => unavailable(&e),
     }
 }

@@ -219,6 +219,27 @@ fn agent_row(r: &SqliteRow) -> Agent {
         name: r.get("name"),
         secret_hash: r.get("secret_hash"),
         disabled: r.get::<i64, _>("disabled") != 0,
+        redirect_uris: r
+            .get::<&str, _>("redirect_uris")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        public_client: r.get::<i64, _>("public_client") != 0,
+        rotate_refresh_tokens: r.get::<i64, _>("rotate_refresh_tokens") != 0,
+        resource_server: r.get("resource_server"),
+        created_at: r.get("created_at"),
+    }
+}
+
+fn family_row(r: &SqliteRow) -> TokenFamily {
+    TokenFamily {
+        id: r.get("id"),
+        client_id: r.get("client_id"),
+        user_id: r.get("user_id"),
+        scope: Scopes::parse(r.get::<&str, _>("scope")),
+        auth_time: r.get("auth_time"),
+        amr: r.get("amr"),
+        revoked: r.get::<i64, _>("revoked") != 0,
         created_at: r.get("created_at"),
     }
 }
@@ -740,15 +761,22 @@ impl Store for SqliteStore {
         audit: &AuditRecord,
     ) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        sqlx::query("INSERT INTO agents (id, name, secret_hash, disabled, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&agent.id)
-            .bind(&agent.name)
-            .bind(&agent.secret_hash)
-            .bind(agent.disabled as i64)
-            .bind(agent.created_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(conflict("agent"))?;
+        sqlx::query(
+            "INSERT INTO agents (id, name, secret_hash, disabled, redirect_uris, public_client, \
+             rotate_refresh_tokens, resource_server, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&agent.id)
+        .bind(&agent.name)
+        .bind(&agent.secret_hash)
+        .bind(agent.disabled as i64)
+        .bind(agent.redirect_uris.join(" "))
+        .bind(agent.public_client as i64)
+        .bind(agent.rotate_refresh_tokens as i64)
+        .bind(&agent.resource_server)
+        .bind(agent.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict("agent"))?;
         for k in keys {
             sqlx::query("INSERT INTO agent_keys (agent_id, kid, alg, jwk, created_at) VALUES (?, ?, ?, ?, ?)")
                 .bind(&k.agent_id)
@@ -990,6 +1018,164 @@ impl Store for SqliteStore {
                 expires_at: r.get("expires_at"),
             })
             .filter(|f| f.expires_at > now))
+    }
+
+    async fn insert_auth_code(&self, c: &AuthCode) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO auth_codes (hash, client_id, user_id, redirect_uri, scope, nonce, code_challenge, \
+             audience, auth_time, amr, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.hash)
+        .bind(&c.client_id)
+        .bind(&c.user_id)
+        .bind(&c.redirect_uri)
+        .bind(c.scope.to_string_spaced())
+        .bind(&c.nonce)
+        .bind(&c.code_challenge)
+        .bind(&c.audience)
+        .bind(c.auth_time)
+        .bind(&c.amr)
+        .bind(c.expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn redeem_auth_code(&self, hash: &str) -> StoreResult<CodeRedemption> {
+        let mut tx = self.write().await?;
+        let row =
+            sqlx::query("UPDATE auth_codes SET used = 1 WHERE hash = ? AND used = 0 RETURNING *")
+                .bind(hash)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        let result = match row {
+            Some(r) => CodeRedemption::Fresh(Box::new(AuthCode {
+                hash: r.get("hash"),
+                client_id: r.get("client_id"),
+                user_id: r.get("user_id"),
+                redirect_uri: r.get("redirect_uri"),
+                scope: Scopes::parse(r.get::<&str, _>("scope")),
+                nonce: r.get("nonce"),
+                code_challenge: r.get("code_challenge"),
+                audience: r.get("audience"),
+                auth_time: r.get("auth_time"),
+                amr: r.get("amr"),
+                expires_at: r.get("expires_at"),
+            })),
+            None => match sqlx::query("SELECT family_id FROM auth_codes WHERE hash = ?")
+                .bind(hash)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?
+            {
+                Some(r) => CodeRedemption::Reused {
+                    family_id: r.get("family_id"),
+                },
+                None => CodeRedemption::Unknown,
+            },
+        };
+        tx.commit().await.map_err(unavailable)?;
+        Ok(result)
+    }
+
+    async fn insert_token_family(
+        &self,
+        f: &TokenFamily,
+        code_hash: &str,
+        refresh_hash: Option<&str>,
+        audit: &AuditRecord,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO token_families (id, client_id, user_id, scope, auth_time, amr, revoked, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+        )
+        .bind(&f.id)
+        .bind(&f.client_id)
+        .bind(&f.user_id)
+        .bind(f.scope.to_string_spaced())
+        .bind(f.auth_time)
+        .bind(&f.amr)
+        .bind(f.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query("UPDATE auth_codes SET family_id = ? WHERE hash = ?")
+            .bind(&f.id)
+            .bind(code_hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if let Some(h) = refresh_hash {
+            sqlx::query("INSERT INTO refresh_tokens (hash, family_id, state, created_at) VALUES (?, ?, 'active', ?)")
+                .bind(h)
+                .bind(&f.id)
+                .bind(f.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn refresh_token(&self, hash: &str) -> StoreResult<Option<RefreshTokenRecord>> {
+        self.find(
+            "SELECT t.state AS state, f.* FROM refresh_tokens t JOIN token_families f ON f.id = t.family_id \
+             WHERE t.hash = ?",
+            hash,
+            |r| RefreshTokenRecord { state: r.get("state"), family: family_row(r) },
+        )
+        .await
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let family: Option<String> =
+            sqlx::query("UPDATE refresh_tokens SET state = 'rotated' WHERE hash = ? AND state = 'active' RETURNING family_id")
+                .bind(old_hash)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .map(|r| r.get("family_id"));
+        let Some(family) = family else {
+            return Ok(false);
+        };
+        sqlx::query("INSERT INTO refresh_tokens (hash, family_id, state, created_at) VALUES (?, ?, 'active', ?)")
+            .bind(new_hash)
+            .bind(family)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(true)
+    }
+
+    async fn token_family(&self, id: &str) -> StoreResult<Option<TokenFamily>> {
+        self.find("SELECT * FROM token_families WHERE id = ?", id, family_row)
+            .await
+    }
+
+    async fn revoke_token_family(&self, id: &str, audit: &AuditRecord) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query("UPDATE token_families SET revoked = 1 WHERE id = ? AND revoked = 0")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        if n == 1 {
+            insert_audit(&mut tx, audit).await?;
+        }
+        tx.commit().await.map_err(unavailable)
     }
 
     async fn append_audit(&self, audit: &AuditRecord) -> StoreResult<()> {

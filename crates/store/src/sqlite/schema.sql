@@ -71,6 +71,12 @@ CREATE TABLE agents (
     name         TEXT NOT NULL,
     secret_hash  TEXT UNIQUE,
     disabled     INTEGER NOT NULL DEFAULT 0,
+    -- Apps (clients whose users sign in through /authorize): exact redirect URIs, space-separated.
+    redirect_uris          TEXT NOT NULL DEFAULT '',
+    public_client          INTEGER NOT NULL DEFAULT 0,
+    rotate_refresh_tokens  INTEGER NOT NULL DEFAULT 0,
+    -- For access-token exchange: the audience (API identifier) this client serves.
+    resource_server        TEXT,
     created_at   INTEGER NOT NULL
 );
 
@@ -98,6 +104,43 @@ CREATE TABLE used_jtis (
     expires_at  INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX used_jtis_expiry ON used_jtis(expires_at);
+
+-- Authorization codes (hash only): single use, kept after use to detect replay.
+CREATE TABLE auth_codes (
+    hash            TEXT PRIMARY KEY,
+    client_id       TEXT NOT NULL REFERENCES agents(id),
+    user_id         TEXT NOT NULL REFERENCES users(id),
+    redirect_uri    TEXT NOT NULL,
+    scope           TEXT NOT NULL,
+    nonce           TEXT,
+    code_challenge  TEXT NOT NULL,
+    audience        TEXT NOT NULL,
+    auth_time       INTEGER NOT NULL,
+    amr             TEXT NOT NULL,
+    expires_at      INTEGER NOT NULL,
+    used            INTEGER NOT NULL DEFAULT 0,
+    family_id       TEXT
+);
+
+-- What one sign-in granted an app; revoking the family revokes everything derived from it.
+CREATE TABLE token_families (
+    id          TEXT PRIMARY KEY,
+    client_id   TEXT NOT NULL REFERENCES agents(id),
+    user_id     TEXT NOT NULL REFERENCES users(id),
+    scope       TEXT NOT NULL,
+    auth_time   INTEGER NOT NULL,
+    amr         TEXT NOT NULL,
+    revoked     INTEGER NOT NULL DEFAULT 0,
+    created_at  INTEGER NOT NULL
+);
+
+-- Latchkey refresh tokens (hash only). `rotated` ones are kept to detect reuse.
+CREATE TABLE refresh_tokens (
+    hash        TEXT PRIMARY KEY,
+    family_id   TEXT NOT NULL REFERENCES token_families(id),
+    state       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
 
 CREATE TABLE sessions (
     hash              TEXT PRIMARY KEY,
