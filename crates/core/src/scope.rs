@@ -26,6 +26,10 @@ impl Scopes {
         self.0.is_subset(&other.0)
     }
 
+    pub fn union(&self, other: &Scopes) -> Scopes {
+        Scopes(self.0.union(&other.0).cloned().collect())
+    }
+
     pub fn intersection(&self, other: &Scopes) -> Scopes {
         Scopes(self.0.intersection(&other.0).cloned().collect())
     }

@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 
 use crate::model::*;
+use crate::scope::Scopes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -84,6 +85,30 @@ pub struct ConnectFlow {
     /// Sealed PKCE verifier.
     pub code_verifier: Vec<u8>,
     pub redirect_uri: String,
+    /// The scopes asked of the provider.
+    pub scopes: Scopes,
+    /// `""`, `return:{path}` or `app:{account connect id}` (see the schema).
+    pub then_to: String,
+    pub expires_at: i64,
+}
+
+/// A My Account API connect transaction.
+#[derive(Clone, Debug)]
+pub struct AccountConnect {
+    /// SHA-256 of the `auth_session` given to the app.
+    pub id: String,
+    pub ticket_hash: Option<String>,
+    pub user_id: String,
+    pub client_id: String,
+    pub connection_id: String,
+    pub redirect_uri: String,
+    pub state: Option<String>,
+    pub code_challenge: Option<String>,
+    pub scopes: Scopes,
+    /// Authorization parameters to forward to the provider.
+    pub params: Vec<(String, String)>,
+    pub account_id: Option<String>,
+    pub completed: bool,
     pub expires_at: i64,
 }
 
@@ -235,6 +260,25 @@ pub trait Store: Send + Sync + 'static {
     async fn token_family(&self, id: &str) -> StoreResult<Option<TokenFamily>>;
     /// Revoke a family and everything derived from it.
     async fn revoke_token_family(&self, id: &str, audit: &AuditRecord) -> StoreResult<()>;
+
+    // My Account API connect transactions.
+    async fn insert_account_connect(&self, c: &AccountConnect) -> StoreResult<()>;
+    /// Use up a browser ticket (single use, unexpired).
+    async fn take_account_connect_ticket(
+        &self,
+        ticket_hash: &str,
+        now: i64,
+    ) -> StoreResult<Option<AccountConnect>>;
+    /// The provider's answer arrived: the connect code the app will present, and the account.
+    async fn set_account_connect_code(
+        &self,
+        id: &str,
+        code_hash: &str,
+        account_id: &str,
+    ) -> StoreResult<()>;
+    async fn account_connect(&self, id: &str) -> StoreResult<Option<AccountConnect>>;
+    /// Mark completed iff `code_hash` is its code and it was not completed before.
+    async fn complete_account_connect(&self, id: &str, code_hash: &str) -> StoreResult<bool>;
 
     // Audit.
     async fn append_audit(&self, audit: &AuditRecord) -> StoreResult<()>;

@@ -257,8 +257,14 @@ async fn oidc_connection_by_discovery() {
         .connect_finish(&ts.info.user_id, &state, "code-1")
         .await
         .unwrap();
-    assert_eq!(account.upstream_account_id.as_deref(), Some("user-42"));
-    assert_eq!(account.scopes.to_string_spaced(), "offline_access openid");
+    assert_eq!(
+        account.account.upstream_account_id.as_deref(),
+        Some("user-42")
+    );
+    assert_eq!(
+        account.account.scopes.to_string_spaced(),
+        "offline_access openid"
+    );
 
     // A document that names another issuer is refused, and nothing is created.
     let err = fails(&ts.cli(&[

@@ -7,6 +7,7 @@ mod at_rest;
 mod audit;
 mod bad_input;
 mod catalog;
+mod connected_accounts;
 mod interop;
 mod login;
 mod oidc;

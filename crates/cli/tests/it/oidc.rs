@@ -121,7 +121,7 @@ pub(crate) async fn sign_in_for_code(ts: &TestServer, url: &str) -> String {
     q["code"].clone()
 }
 
-async fn token(ts: &TestServer, app: &App, form: &[(&str, &str)]) -> Answer {
+pub(crate) async fn token(ts: &TestServer, app: &App, form: &[(&str, &str)]) -> Answer {
     let resp = ts
         .http
         .post(ts.url("/oauth/token"))

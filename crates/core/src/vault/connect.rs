@@ -10,7 +10,23 @@ impl Vault {
         user_id: &str,
         connection: &str,
     ) -> Result<String, OAuthError> {
-        let conn = self
+        self.connect_begin(user_id, connection, &Scopes::default(), &[], String::new())
+            .await
+    }
+
+    /// Start connecting with extra scopes and provider parameters; `then_to` says where the
+    /// browser goes once the provider answers (see [`ConnectDone::next`]). The scopes asked
+    /// for are the connection's, those the user granted before (incremental consent), and
+    /// `extra`.
+    pub(super) async fn connect_begin(
+        &self,
+        user_id: &str,
+        connection: &str,
+        extra: &Scopes,
+        extra_params: &[(String, String)],
+        then_to: String,
+    ) -> Result<String, OAuthError> {
+        let mut conn = self
             .store
             .connection_by_name(connection)
             .await
@@ -19,6 +35,18 @@ impl Vault {
                 OAuthError::invalid_request(format!("connection `{connection}` does not exist"))
             })?;
         let ep = self.endpoints(&conn).await?;
+        let mut scopes = conn.scopes.union(extra);
+        for earlier in self
+            .store
+            .accounts_for(user_id, &conn.id)
+            .await
+            .map_err(store_err)?
+        {
+            if earlier.status == AccountStatus::Active {
+                scopes = scopes.union(&earlier.scopes);
+            }
+        }
+        conn.scopes = scopes.clone();
         let state = secrets::random_token(32);
         let verifier = secrets::random_token(32);
         let challenge = secrets::sha256_b64(verifier.as_bytes());
@@ -37,6 +65,8 @@ impl Vault {
             user_id: user_id.to_owned(),
             connection_id: conn.id.clone(),
             redirect_uri: redirect_uri.clone(),
+            scopes,
+            then_to,
             expires_at: self.now() + self.config.connect_flow_ttl,
         };
         self.store
@@ -54,6 +84,22 @@ impl Vault {
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str())),
         );
+        // Parameters the app forwards (My Account `authorization_params`) may not override ours.
+        let reserved = [
+            "response_type",
+            "client_id",
+            "redirect_uri",
+            "state",
+            "code_challenge",
+            "code_challenge_method",
+            "scope",
+        ];
+        params.extend(
+            extra_params
+                .iter()
+                .filter(|(k, _)| !reserved.contains(&k.as_str()))
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         params.extend([
             ("state", state.as_str()),
             ("code_challenge", challenge.as_str()),
@@ -68,7 +114,7 @@ impl Vault {
         user_id: &str,
         state: &str,
         code: &str,
-    ) -> Result<ConnectedAccount, OAuthError> {
+    ) -> Result<ConnectDone, OAuthError> {
         let state_hash = secrets::sha256_b64(state.as_bytes());
         let flow = self
             .store
@@ -145,7 +191,7 @@ impl Vault {
             last_used_at: None,
             token_version: 0,
         });
-        let mut account = self.apply_tokens(base, tokens, Some(&conn.scopes));
+        let mut account = self.apply_tokens(base, tokens, Some(&flow.scopes));
         account.status = AccountStatus::Active;
         let audit = AuditRecord {
             subject_user: Some(user_id.to_owned()),
@@ -160,7 +206,12 @@ impl Vault {
             .await
             .map_err(store_err)?;
         account.id = id;
-        Ok(account)
+        let next = match flow.then_to.split_once(':') {
+            Some(("return", path)) => Some(path.to_owned()),
+            Some(("app", session)) => Some(self.connect_code_for_app(session, &account.id).await?),
+            _ => None,
+        };
+        Ok(ConnectDone { account, next })
     }
 
     /// Read an OpenID provider's discovery document once, for `connection add --provider
@@ -176,4 +227,13 @@ impl Vault {
             .map_err(|e| AdminError::Invalid(format!("reading {url}: {e}")))?;
         catalog::from_discovery(issuer, &doc).map_err(AdminError::Invalid)
     }
+}
+
+/// A finished connect flow.
+#[derive(Debug)]
+pub struct ConnectDone {
+    pub account: ConnectedAccount,
+    /// Where the browser goes now: an `/authorize` request to resume, or the app's redirect URI
+    /// with a `connect_code`; `None` means Latchkey's own account page.
+    pub next: Option<String>,
 }

@@ -28,18 +28,23 @@ use crate::model::*;
 use crate::params::Params;
 use crate::refresh::RefreshLocks;
 use crate::scope::Scopes;
-use crate::store::{CodeRedemption, ConnectFlow, JtiUse, ReleaseError, Store, StoreError};
+use crate::store::{
+    AccountConnect, CodeRedemption, ConnectFlow, JtiUse, ReleaseError, Store, StoreError,
+};
 use crate::upstream::{Endpoints, Upstream, UpstreamError, UpstreamTokens};
 
 mod admin;
 mod connect;
 mod exchange;
+mod my_account;
 mod oidc;
 mod tokens;
 mod users;
 
 pub use admin::{AdminError, NewClient, RevokeOutcome};
+pub use connect::ConnectDone;
 pub use exchange::parse_cidr;
+pub use my_account::Problem;
 pub use oidc::{ACCESS_TOKEN_TYP, AccessToken, Authorize, MFA_ACR, MY_ACCOUNT_SCOPES};
 pub use users::SignIn;
 

@@ -204,6 +204,37 @@ impl Vault {
             return sign_in();
         }
 
+        // The older Auth0 connect flow: connect the provider during sign-in, then come back here.
+        if let Some(connection) = params.get("connection") {
+            let extra = Scopes::parse(params.get("connection_scope").unwrap_or(""));
+            let back: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+                .filter(|(k, _)| {
+                    !matches!(
+                        k.as_ref(),
+                        "connection" | "connection_scope" | "access_type"
+                    )
+                })
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            let back = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(back)
+                .finish();
+            return match self
+                .connect_begin(
+                    &session.user_id,
+                    connection,
+                    &extra,
+                    &[],
+                    format!("return:/authorize?{back}"),
+                )
+                .await
+            {
+                Ok(to) => Ok(Authorize::Redirect(to)),
+                Err(e) if e.status < 500 => fail("invalid_request", &e.description),
+                Err(e) => Err(e),
+            };
+        }
+
         let code = secrets::random_token(32);
         let record = AuthCode {
             hash: secrets::sha256_b64(code.as_bytes()),

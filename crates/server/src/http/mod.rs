@@ -2,6 +2,7 @@
 //! (errors through [`errors`] only).
 
 mod errors;
+mod my_account;
 mod oauth;
 mod ops;
 mod web;
@@ -15,7 +16,7 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use latchkey_core::Vault;
 use latchkey_demo::DemoProvider;
@@ -76,6 +77,27 @@ pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
         .route("/oauth/revoke", post(oauth::revoke))
         .route("/userinfo", get(oauth::userinfo).post(oauth::userinfo))
         .route("/authorize", get(web::authorize))
+        .route("/connected-accounts/connect", get(web::connect_ticket))
+        .route(
+            "/me/v1/connected-accounts/connect",
+            post(my_account::connect),
+        )
+        .route(
+            "/me/v1/connected-accounts/complete",
+            post(my_account::complete),
+        )
+        .route(
+            "/me/v1/connected-accounts/accounts",
+            get(my_account::accounts),
+        )
+        .route(
+            "/me/v1/connected-accounts/accounts/{id}",
+            delete(my_account::delete),
+        )
+        .route(
+            "/me/v1/connected-accounts/connections",
+            get(my_account::connections),
+        )
         .route("/.well-known/openid-configuration", get(ops::discovery))
         .route("/.well-known/jwks.json", get(ops::jwks))
         .route("/healthz", get(ops::healthz))

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use latchkey_core::vault::{Authorize, SignIn};
+use latchkey_core::vault::{Authorize, ConnectDone, SignIn};
 
 use super::{AppState, RequestMeta};
 
@@ -396,7 +396,14 @@ pub async fn connect_callback(
         );
     };
     match s.vault.connect_finish(&user_id, &state, &code).await {
-        Ok(account) => {
+        // Back to the app (My Account `connect_code`) or to the /authorize request to resume.
+        Ok(ConnectDone { next: Some(to), .. }) => {
+            (StatusCode::FOUND, [(header::LOCATION, to)]).into_response()
+        }
+        Ok(ConnectDone {
+            account,
+            next: None,
+        }) => {
             let name = s
                 .vault
                 .store()
@@ -454,5 +461,33 @@ pub async fn authorize(
             &format!("<p>{}</p>", esc(&message)),
         ),
         Err(e) => unavailable(&e),
+    }
+}
+
+/// `GET /connected-accounts/connect?ticket=…`: the browser leg of a My Account connect. The
+/// ticket is bound to a user; the browser must be signed in as that user.
+pub async fn connect_ticket(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let Some(user_id) = session_user(&s, &headers).await else {
+        return login_to(&format!(
+            "/connected-accounts/connect?{}",
+            uri.query().unwrap_or("")
+        ));
+    };
+    let ticket = uri
+        .query()
+        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "ticket"))
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    match s.vault.my_account_ticket(&user_id, &ticket).await {
+        Ok(to) => Redirect::to(&to).into_response(),
+        Err(e) => page(
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+            "Cannot connect",
+            &esc(&e.description),
+        ),
     }
 }

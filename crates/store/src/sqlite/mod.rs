@@ -231,6 +231,24 @@ fn agent_row(r: &SqliteRow) -> Agent {
     }
 }
 
+fn account_connect_row(r: &SqliteRow) -> AccountConnect {
+    AccountConnect {
+        id: r.get("id"),
+        ticket_hash: r.get("ticket_hash"),
+        user_id: r.get("user_id"),
+        client_id: r.get("client_id"),
+        connection_id: r.get("connection_id"),
+        redirect_uri: r.get("redirect_uri"),
+        state: r.get("state"),
+        code_challenge: r.get("code_challenge"),
+        scopes: Scopes::parse(r.get::<&str, _>("scopes")),
+        params: serde_json::from_str(r.get::<&str, _>("params")).unwrap_or_default(),
+        account_id: r.get("account_id"),
+        completed: r.get::<i64, _>("completed") != 0,
+        expires_at: r.get("expires_at"),
+    }
+}
+
 fn family_row(r: &SqliteRow) -> TokenFamily {
     TokenFamily {
         id: r.get("id"),
@@ -983,14 +1001,16 @@ impl Store for SqliteStore {
 
     async fn insert_connect_flow(&self, f: &ConnectFlow) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO connect_flows (state_hash, user_id, connection_id, code_verifier, redirect_uri, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO connect_flows (state_hash, user_id, connection_id, code_verifier, redirect_uri, scopes, \
+             then_to, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&f.state_hash)
         .bind(&f.user_id)
         .bind(&f.connection_id)
         .bind(&f.code_verifier)
         .bind(&f.redirect_uri)
+        .bind(f.scopes.to_string_spaced())
+        .bind(&f.then_to)
         .bind(f.expires_at)
         .execute(&self.pool)
         .await
@@ -1015,6 +1035,8 @@ impl Store for SqliteStore {
                 connection_id: r.get("connection_id"),
                 code_verifier: r.get("code_verifier"),
                 redirect_uri: r.get("redirect_uri"),
+                scopes: Scopes::parse(r.get::<&str, _>("scopes")),
+                then_to: r.get("then_to"),
                 expires_at: r.get("expires_at"),
             })
             .filter(|f| f.expires_at > now))
@@ -1176,6 +1198,80 @@ impl Store for SqliteStore {
             insert_audit(&mut tx, audit).await?;
         }
         tx.commit().await.map_err(unavailable)
+    }
+
+    async fn insert_account_connect(&self, c: &AccountConnect) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO account_connects (id, ticket_hash, user_id, client_id, connection_id, redirect_uri, state, \
+             code_challenge, scopes, params, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.id)
+        .bind(&c.ticket_hash)
+        .bind(&c.user_id)
+        .bind(&c.client_id)
+        .bind(&c.connection_id)
+        .bind(&c.redirect_uri)
+        .bind(&c.state)
+        .bind(&c.code_challenge)
+        .bind(c.scopes.to_string_spaced())
+        .bind(serde_json::to_string(&c.params).unwrap_or_default())
+        .bind(c.expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn take_account_connect_ticket(
+        &self,
+        ticket_hash: &str,
+        now: i64,
+    ) -> StoreResult<Option<AccountConnect>> {
+        let row = sqlx::query(
+            "UPDATE account_connects SET ticket_hash = NULL WHERE ticket_hash = ? AND expires_at > ? RETURNING *",
+        )
+        .bind(ticket_hash)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(row.as_ref().map(account_connect_row))
+    }
+
+    async fn set_account_connect_code(
+        &self,
+        id: &str,
+        code_hash: &str,
+        account_id: &str,
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE account_connects SET code_hash = ?, account_id = ? WHERE id = ?")
+            .bind(code_hash)
+            .bind(account_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn account_connect(&self, id: &str) -> StoreResult<Option<AccountConnect>> {
+        self.find(
+            "SELECT * FROM account_connects WHERE id = ?",
+            id,
+            account_connect_row,
+        )
+        .await
+    }
+
+    async fn complete_account_connect(&self, id: &str, code_hash: &str) -> StoreResult<bool> {
+        let n = sqlx::query("UPDATE account_connects SET completed = 1 WHERE id = ? AND code_hash = ? AND completed = 0")
+            .bind(id)
+            .bind(code_hash)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        Ok(n == 1)
     }
 
     async fn append_audit(&self, audit: &AuditRecord) -> StoreResult<()> {

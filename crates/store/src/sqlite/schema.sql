@@ -157,7 +157,30 @@ CREATE TABLE connect_flows (
     connection_id  TEXT NOT NULL REFERENCES connections(id),
     code_verifier  BLOB NOT NULL,
     redirect_uri   TEXT NOT NULL,
+    -- The scopes asked of the provider (the connection's, the user's earlier ones, new ones).
+    scopes         TEXT NOT NULL DEFAULT '',
+    -- Where the browser goes afterwards: '' (account page), 'return:{path}' (an /authorize
+    -- request to resume), or 'app:{connect session id}' (My Account API).
+    then_to        TEXT NOT NULL DEFAULT '',
     expires_at     INTEGER NOT NULL
+);
+
+-- My Account API connect transactions (auth_session, ticket and connect_code as hashes).
+CREATE TABLE account_connects (
+    id              TEXT PRIMARY KEY,
+    ticket_hash     TEXT UNIQUE,
+    code_hash       TEXT UNIQUE,
+    user_id         TEXT NOT NULL REFERENCES users(id),
+    client_id       TEXT NOT NULL REFERENCES agents(id),
+    connection_id   TEXT NOT NULL REFERENCES connections(id),
+    redirect_uri    TEXT NOT NULL,
+    state           TEXT,
+    code_challenge  TEXT,
+    scopes          TEXT NOT NULL,
+    params          TEXT NOT NULL,
+    account_id      TEXT,
+    completed       INTEGER NOT NULL DEFAULT 0,
+    expires_at      INTEGER NOT NULL
 );
 
 CREATE TABLE audit_events (

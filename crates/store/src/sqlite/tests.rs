@@ -201,10 +201,19 @@ async fn connect_flows_are_single_use_and_expire() {
         connection_id: "con_1".into(),
         code_verifier: vec![1],
         redirect_uri: "r".into(),
+        scopes: Scopes::parse("a b"),
+        then_to: "return:/authorize?x=1".into(),
         expires_at: 50,
     };
     s.insert_connect_flow(&f).await.unwrap();
-    assert!(s.take_connect_flow("h", 10).await.unwrap().is_some());
+    let taken = s.take_connect_flow("h", 10).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            taken.scopes.to_string_spaced().as_str(),
+            taken.then_to.as_str()
+        ),
+        ("a b", "return:/authorize?x=1")
+    );
     assert!(s.take_connect_flow("h", 10).await.unwrap().is_none());
     s.insert_connect_flow(&f).await.unwrap();
     assert!(
