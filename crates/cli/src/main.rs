@@ -611,6 +611,7 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                     revoke_url,
                     userinfo_url,
                     api_base_url,
+                    issuer: None,
                     scopes: Scopes::parse(&scopes),
                 };
                 if let Some(issuer) = issuer {
@@ -624,6 +625,7 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                         );
                     }
                     let found = vault.discover_oidc(&issuer).await?;
+                    new.issuer = Some(issuer.clone());
                     new.authorize_url = found.authorize_url;
                     new.token_url = found.token_url;
                     new.revoke_url = found.revoke_url;

@@ -230,6 +230,14 @@ pub fn authorize_params(conn: &Connection) -> Vec<(String, String)> {
     out
 }
 
+/// The issuer a provider's authorization responses must name in `iss` (RFC 9207), when known:
+/// the connection's discovered issuer, else the catalog's documented value.
+pub fn expected_iss(conn: &Connection) -> Option<String> {
+    conn.issuer
+        .clone()
+        .or_else(|| provider(&conn.provider).and_then(|p| p.iss.clone()))
+}
+
 /// The connected account's id in a user-info answer: at the catalog entry's path (`sub` for
 /// `oidc`), else the first of `id`, `sub`, `login` (generic and demo connections).
 pub fn upstream_account_id(conn: &Connection, info: &serde_json::Value) -> Option<String> {
@@ -408,6 +416,7 @@ mod tests {
             revoke_url: None,
             userinfo_url: None,
             api_base_url: None,
+            issuer: None,
             scopes: Scopes::default(),
         }
     }
@@ -424,6 +433,7 @@ mod tests {
             revoke_url: new.revoke_url,
             userinfo_url: new.userinfo_url,
             api_base_url: new.api_base_url,
+            issuer: None,
             scopes: new.scopes,
             created_at: 0,
         }

@@ -43,6 +43,9 @@ pub struct Connection {
     pub revoke_url: Option<String>,
     pub userinfo_url: Option<String>,
     pub api_base_url: Option<String>,
+    /// The provider's issuer (OIDC discovery), checked against the `iss` parameter of its
+    /// authorization responses (RFC 9207, mix-up defence).
+    pub issuer: Option<String>,
     /// Scopes requested when a user connects.
     pub scopes: Scopes,
     pub created_at: i64,

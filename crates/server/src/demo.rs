@@ -53,6 +53,7 @@ pub async fn demo_connection(vault: &Vault, name: &str) -> Result<NewConnection>
         revoke_url: None,
         userinfo_url: None,
         api_base_url: None,
+        issuer: None,
         scopes: catalog::demo_paths::SCOPES.iter().copied().collect(),
     })
 }

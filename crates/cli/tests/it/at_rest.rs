@@ -47,6 +47,7 @@ async fn no_plaintext_secret_in_the_database_files() {
                 revoke_url: None,
                 userinfo_url: None,
                 api_base_url: None,
+                issuer: None,
                 scopes: Default::default(),
             },
             &Actor::cli(),

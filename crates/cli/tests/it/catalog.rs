@@ -244,6 +244,31 @@ async fn oidc_connection_by_discovery() {
     assert_eq!(conn.userinfo_url, Some(format!("{issuer}/userinfo")));
     assert_eq!(conn.scopes.to_string_spaced(), "offline_access openid");
 
+    // RFC 9207: an authorization response naming another issuer is refused (mix-up defence).
+    assert_eq!(conn.issuer.as_deref(), Some(issuer.as_str()));
+    let url = ts
+        .vault
+        .connect_start(&ts.info.user_id, "corp")
+        .await
+        .unwrap();
+    let state = query(&url)["state"].clone();
+    let err = ts
+        .vault
+        .connect_finish(
+            &ts.info.user_id,
+            &state,
+            "code-1",
+            Some("https://evil.example"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "invalid_request");
+    assert!(
+        err.description.contains("names issuer"),
+        "{}",
+        err.description
+    );
+
     // Connect end to end against it: the account id is the userinfo `sub`.
     let url = ts
         .vault
@@ -254,7 +279,7 @@ async fn oidc_connection_by_discovery() {
     let state = query(&url)["state"].clone();
     let account = ts
         .vault
-        .connect_finish(&ts.info.user_id, &state, "code-1")
+        .connect_finish(&ts.info.user_id, &state, "code-1", Some(&issuer))
         .await
         .unwrap();
     assert_eq!(

@@ -37,6 +37,7 @@ impl Vault {
             revoke_url: new.revoke_url,
             userinfo_url: new.userinfo_url,
             api_base_url: new.api_base_url,
+            issuer: new.issuer,
             scopes: new.scopes,
             created_at: self.now(),
         };

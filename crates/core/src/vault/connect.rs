@@ -109,11 +109,13 @@ impl Vault {
     }
 
     /// Finish a connect flow for the signed-in `user_id` with the provider's `code`.
+    /// `iss` is the authorization response's RFC 9207 parameter, when the provider sent one.
     pub async fn connect_finish(
         &self,
         user_id: &str,
         state: &str,
         code: &str,
+        iss: Option<&str>,
     ) -> Result<ConnectDone, OAuthError> {
         let state_hash = secrets::sha256_b64(state.as_bytes());
         let flow = self
@@ -135,6 +137,15 @@ impl Vault {
             .await
             .map_err(store_err)?
             .ok_or_else(|| OAuthError::invalid_request("the connection was removed"))?;
+        // Mix-up defence: an answer that names another issuer is not this provider's.
+        if let (Some(expected), Some(got)) = (catalog::expected_iss(&conn), iss)
+            && expected != got
+        {
+            return Err(OAuthError::invalid_request(format!(
+                "the authorization response names issuer `{got}`, not {}'s `{expected}`; start again",
+                conn.name
+            )));
+        }
         let verifier = self
             .keys
             .open_string(

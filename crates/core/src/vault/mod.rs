@@ -149,6 +149,8 @@ pub struct NewConnection {
     pub revoke_url: Option<String>,
     pub userinfo_url: Option<String>,
     pub api_base_url: Option<String>,
+    /// The provider's issuer, where known (OIDC discovery), for the RFC 9207 `iss` check.
+    pub issuer: Option<String>,
     pub scopes: Scopes,
 }
 

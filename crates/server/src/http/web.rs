@@ -370,6 +370,7 @@ pub struct CallbackQuery {
     state: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
+    iss: Option<String>,
 }
 
 pub async fn connect_callback(
@@ -395,7 +396,11 @@ pub async fn connect_callback(
             "The provider's answer is missing its code or state.",
         );
     };
-    match s.vault.connect_finish(&user_id, &state, &code).await {
+    match s
+        .vault
+        .connect_finish(&user_id, &state, &code, q.iss.as_deref())
+        .await
+    {
         // Back to the app (My Account `connect_code`) or to the /authorize request to resume.
         Ok(ConnectDone { next: Some(to), .. }) => {
             (StatusCode::FOUND, [(header::LOCATION, to)]).into_response()

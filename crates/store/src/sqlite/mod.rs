@@ -190,6 +190,7 @@ fn connection_row(r: &SqliteRow) -> Connection {
         revoke_url: r.get("revoke_url"),
         userinfo_url: r.get("userinfo_url"),
         api_base_url: r.get("api_base_url"),
+        issuer: r.get("issuer"),
         scopes: Scopes::parse(r.get::<&str, _>("scopes")),
         created_at: r.get("created_at"),
     }
@@ -519,7 +520,7 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO connections (id, name, provider, client_id, client_secret, authorize_url, token_url, \
-             revoke_url, userinfo_url, api_base_url, scopes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             revoke_url, userinfo_url, api_base_url, issuer, scopes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&c.id)
         .bind(&c.name)
@@ -531,6 +532,7 @@ impl Store for SqliteStore {
         .bind(&c.revoke_url)
         .bind(&c.userinfo_url)
         .bind(&c.api_base_url)
+        .bind(&c.issuer)
         .bind(c.scopes.to_string_spaced())
         .bind(c.created_at)
         .execute(&mut *tx)

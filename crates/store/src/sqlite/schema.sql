@@ -35,6 +35,7 @@ CREATE TABLE connections (
     revoke_url     TEXT,
     userinfo_url   TEXT,
     api_base_url   TEXT,
+    issuer         TEXT,
     scopes         TEXT NOT NULL,
     created_at     INTEGER NOT NULL
 );

@@ -45,6 +45,7 @@ async fn seed(s: &SqliteStore) -> ConnectedAccount {
         revoke_url: None,
         userinfo_url: None,
         api_base_url: None,
+        issuer: Some("https://idp.example".into()),
         scopes: Scopes::parse("a b"),
         created_at: 1,
     };
