@@ -102,6 +102,11 @@ fn required(v: Option<String>, field: &str) -> Result<String, Problem> {
     v.ok_or_else(|| Problem::invalid(field, "is required"))
 }
 
+fn object(body: &Value) -> Result<&Map<String, Value>, Problem> {
+    body.as_object()
+        .ok_or_else(|| Problem::new(400, "Bad Request", "the body must be a JSON object"))
+}
+
 fn only_fields(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), Problem> {
     match body.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(Problem::invalid(k, "is not a known property")),
@@ -185,13 +190,7 @@ impl Vault {
         token: &AccessToken,
         body: &Value,
     ) -> Result<Value, Problem> {
-        let Some(body) = body.as_object() else {
-            return Err(Problem::new(
-                400,
-                "Bad Request",
-                "the body must be a JSON object",
-            ));
-        };
+        let body = object(body)?;
         only_fields(
             body,
             &[
@@ -410,13 +409,7 @@ impl Vault {
         token: &AccessToken,
         body: &Value,
     ) -> Result<Value, Problem> {
-        let Some(body) = body.as_object() else {
-            return Err(Problem::new(
-                400,
-                "Bad Request",
-                "the body must be a JSON object",
-            ));
-        };
+        let body = object(body)?;
         only_fields(
             body,
             &[
