@@ -227,6 +227,14 @@ pub fn authorize_params(conn: &Connection) -> Vec<(String, String)> {
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
     }
+    // OpenID Connect Core §11: a provider grants `offline_access` (a refresh token) only with
+    // `prompt=consent`; compliant providers drop the scope otherwise.
+    if conn.provider == OIDC
+        && conn.scopes.iter().any(|s| s == "offline_access")
+        && !out.iter().any(|(k, _)| k == "prompt")
+    {
+        out.push(("prompt".into(), "consent".into()));
+    }
     out
 }
 
@@ -680,6 +688,15 @@ mod tests {
                 .unwrap_err()
                 .contains("github")
         );
+    }
+
+    #[test]
+    fn oidc_offline_access_asks_for_consent() {
+        let mut c = conn(new_conn(OIDC));
+        c.scopes = Scopes::parse("openid offline_access");
+        assert!(authorize_params(&c).contains(&("prompt".into(), "consent".into())));
+        c.scopes = Scopes::parse("openid");
+        assert!(!authorize_params(&c).iter().any(|(k, _)| k == "prompt"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod bad_input;
 mod catalog;
 mod connected_accounts;
 mod interop;
+mod interop_node;
 mod login;
 mod oidc;
 mod ops;
