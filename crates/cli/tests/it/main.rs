@@ -10,6 +10,7 @@ mod catalog;
 mod connected_accounts;
 mod interop;
 mod interop_node;
+mod interop_server_python;
 mod login;
 mod oidc;
 mod ops;

@@ -283,6 +283,34 @@ async fn sign_in_code_refresh_userinfo_revoke() {
         (Some(me.as_str()), Some("create:me:connected_accounts"))
     );
     assert!(r.body.get("id_token").is_none());
+    // The sign-in's own scopes may ride along (auth0-server-python sends them); others not.
+    let r = token(
+        &ts,
+        &app1,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &refresh),
+            ("audience", &me),
+            ("scope", "openid offline_access read:me:connected_accounts"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r.body["scope"],
+        "offline_access openid read:me:connected_accounts"
+    );
+    token(
+        &ts,
+        &app1,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &refresh),
+            ("audience", &me),
+            ("scope", "admin read:me:connected_accounts"),
+        ],
+    )
+    .await
+    .assert_error(400, "invalid_scope");
     token(
         &ts,
         &app1,

@@ -403,8 +403,12 @@ impl Vault {
             None => family.scope.clone(),
             Some(s) => {
                 let s = Scopes::parse(s);
+                // For the My Account API: its scopes, plus the sign-in's own (SDKs such as
+                // auth0-server-python send their default `openid profile offline_access` along).
                 let allowed = if audience == my_account {
-                    MY_ACCOUNT_SCOPES.iter().copied().collect()
+                    family
+                        .scope
+                        .union(&MY_ACCOUNT_SCOPES.iter().copied().collect())
                 } else {
                     family.scope.clone()
                 };
