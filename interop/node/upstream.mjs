@@ -7,7 +7,7 @@
 // certified default: honoured only with `prompt=consent` (OpenID Connect Core §11). Access
 // tokens live 60 s, refresh tokens rotate on every use; RFC 7009 revocation is on.
 //
-// Inputs (environment): UP_CLIENT_SECRET, UP_REDIRECT_URI (Latchkey's /connect/callback).
+// Inputs (environment): UP_CLIENT_SECRET, UP_REDIRECT_URI (Latchkey's /connect/{connection}/callback).
 // Output: the issuer URL on the first stdout line; then one JSON line per provider event
 // ({"event", "kind", "id", "sub", "grant"}; `id` is a digest of the token, never the token).
 // It exits when its standard input closes, so it never outlives the test that started it.

@@ -67,8 +67,32 @@ pub struct DemoConfig {
     pub client_secret: String,
     /// Exact-match allow-list for `redirect_uri`.
     pub redirect_uris: Vec<String>,
+    /// Also allowed: `{prefix}{name}{suffix}` where `name` is a connection name (letters,
+    /// digits, `-_.@`, 1–64): the vault gives each connection its own callback, and demo
+    /// connections may be added while the provider runs.
+    pub redirect_uri_pattern: Option<(String, String)>,
     /// Access-token lifetime in seconds, e.g. 300.
     pub access_token_ttl: i64,
+}
+
+impl DemoConfig {
+    /// Whether `uri` is a registered redirect URI (exactly, or by the connection pattern).
+    pub fn allows_redirect(&self, uri: &str) -> bool {
+        if self.redirect_uris.iter().any(|r| r == uri) {
+            return true;
+        }
+        let Some((prefix, suffix)) = &self.redirect_uri_pattern else {
+            return false;
+        };
+        uri.strip_prefix(prefix.as_str())
+            .and_then(|rest| rest.strip_suffix(suffix.as_str()))
+            .is_some_and(|name| {
+                (1..=64).contains(&name.len())
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+            })
+    }
 }
 
 impl fmt::Debug for DemoConfig {
@@ -77,6 +101,7 @@ impl fmt::Debug for DemoConfig {
             .field("client_id", &self.client_id)
             .field("client_secret", &"<redacted>")
             .field("redirect_uris", &self.redirect_uris)
+            .field("redirect_uri_pattern", &self.redirect_uri_pattern)
             .field("access_token_ttl", &self.access_token_ttl)
             .finish()
     }

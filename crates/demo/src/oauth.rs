@@ -320,12 +320,7 @@ pub(crate) async fn authorize_page(
         _ => return crate::html::error(StatusCode::BAD_REQUEST, "Unknown or missing client_id."),
     };
     let redirect_uri = match params.get("redirect_uri") {
-        Some(uri)
-            if !params.is_duplicated("redirect_uri")
-                && config.redirect_uris.iter().any(|r| r == uri) =>
-        {
-            uri
-        }
+        Some(uri) if !params.is_duplicated("redirect_uri") && config.allows_redirect(uri) => uri,
         _ => {
             return crate::html::error(
                 StatusCode::BAD_REQUEST,

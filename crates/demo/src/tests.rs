@@ -90,6 +90,7 @@ impl Harness {
                 client_id: CLIENT_ID.into(),
                 client_secret: CLIENT_SECRET.into(),
                 redirect_uris: vec![REDIRECT.into()],
+                redirect_uri_pattern: None,
                 access_token_ttl: TTL,
             },
             Arc::new(clock.clone()),

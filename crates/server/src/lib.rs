@@ -165,7 +165,11 @@ impl Server {
                 DemoConfig {
                     client_id: demo::DEMO_CLIENT_ID.into(),
                     client_secret: secret,
-                    redirect_uris: vec![vault.config.connect_redirect_uri()],
+                    redirect_uris: Vec::new(),
+                    redirect_uri_pattern: Some((
+                        format!("{}connect/", vault.config.issuer),
+                        "/callback".into(),
+                    )),
                     access_token_ttl: config.demo_access_token_ttl,
                 },
                 options.clock.clone(),

@@ -84,7 +84,7 @@ async fn catalog_providers_need_only_client_credentials() {
     let q = query(&url);
     assert_eq!(q["response_type"], "code");
     assert_eq!(q["client_id"], "x");
-    assert_eq!(q["redirect_uri"], ts.url("/connect/callback"));
+    assert_eq!(q["redirect_uri"], ts.url("/connect/gh/callback"));
     assert_eq!(q["scope"], "read:user repo");
     assert_eq!(q["code_challenge_method"], "S256");
     assert!(q["state"].len() >= 32 && q["code_challenge"].len() == 43);
@@ -256,6 +256,7 @@ async fn oidc_connection_by_discovery() {
         .vault
         .connect_finish(
             &ts.info.user_id,
+            "corp",
             &state,
             "code-1",
             Some("https://evil.example"),
@@ -279,7 +280,7 @@ async fn oidc_connection_by_discovery() {
     let state = query(&url)["state"].clone();
     let account = ts
         .vault
-        .connect_finish(&ts.info.user_id, &state, "code-1", Some(&issuer))
+        .connect_finish(&ts.info.user_id, "corp", &state, "code-1", Some(&issuer))
         .await
         .unwrap();
     assert_eq!(

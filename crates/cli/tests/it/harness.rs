@@ -253,7 +253,7 @@ impl TestServer {
             .await;
         assert_eq!(status, 302, "consent redirects back");
         let callback = location.unwrap();
-        assert!(callback.starts_with(&self.url("/connect/callback?")));
+        assert!(callback.starts_with(&self.url("/connect/demo-git/callback?")));
         let (status, location, body) = self.browse(&callback).await;
         assert_eq!(status, 303, "callback completes: {body}");
         assert!(location.unwrap().ends_with("/account?connected=demo-git"));

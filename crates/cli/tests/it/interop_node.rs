@@ -299,7 +299,7 @@ async fn connect_up(ts: &TestServer, login: &str, password: &str) -> ConnectedAc
         "one login page, one consent page"
     );
     assert!(
-        callback.starts_with(&ts.url("/connect/callback?")),
+        callback.starts_with(&ts.url("/connect/up/callback?")),
         "{callback}"
     );
     let (status, location, body) = ts.browse(&callback).await;
@@ -361,7 +361,7 @@ async fn upstream_userinfo(ts: &TestServer, token: &str) -> (StatusCode, Value) 
 /// (OpenID discovery), and the demo agent allowed `openid profile` on it.
 async fn start_up(ts: &TestServer) -> Upstream {
     let secret = "latchkey-at-oidc-provider";
-    let up = Upstream::start(&ts.url("/connect/callback"), secret);
+    let up = Upstream::start(&ts.url("/connect/up/callback"), secret);
     let secret_file = ts.dir.path().join("up.secret");
     std::fs::write(&secret_file, secret).unwrap();
     let out = ts.cli(&[

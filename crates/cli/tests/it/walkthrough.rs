@@ -221,3 +221,109 @@ async fn client_secret_json_body_and_basic() {
     bad["client_id"] = json!(ts.info.agent_id);
     ts.post_json(&bad).await.assert_error(401, "invalid_client");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_answers_are_bound_to_the_session_and_the_provider() {
+    let ts = TestServer::start().await;
+    let actor = latchkey_core::vault::Actor::cli();
+    // The demo user starts a connect and approves at the provider…
+    let (_, _, page) = ts.browse("/login?next=/connect/demo-git").await;
+    let csrf = hidden_field(&page, "csrf");
+    let (_, to_connect, _) = ts
+        .submit(
+            "/login",
+            &[
+                ("username", "demo"),
+                ("password", &ts.info.password),
+                ("csrf", &csrf),
+                ("next", "/connect/demo-git"),
+            ],
+        )
+        .await;
+    let (_, to_provider, _) = ts.browse(&to_connect.unwrap()).await;
+    let (_, _, consent) = ts.browse(&to_provider.unwrap()).await;
+    let consent = hidden_field(&consent, "consent");
+    let (_, callback, _) = ts
+        .submit(
+            "/demo/oauth/authorize",
+            &[("consent", &consent), ("decision", "approve")],
+        )
+        .await;
+    let callback = callback.unwrap();
+    assert!(
+        callback.starts_with(&ts.url("/connect/demo-git/callback?")),
+        "each connection has its own callback"
+    );
+    // …but the answer is delivered in another user's session: refused, nothing connected.
+    ts.vault
+        .add_user("mallory", Some("mallory's long password"), &actor)
+        .await
+        .unwrap();
+    ts.submit("/logout", &[]).await;
+    let (_, _, page) = ts.browse("/login").await;
+    let csrf = hidden_field(&page, "csrf");
+    let (status, _, _) = ts
+        .submit(
+            "/login",
+            &[
+                ("username", "mallory"),
+                ("password", "mallory's long password"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(status, 303);
+    let (status, _, body) = ts.browse(&callback).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("another user"), "{body}");
+    assert!(
+        ts.vault
+            .store()
+            .list_accounts(None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // An answer that arrives at another provider's callback is refused (mix-up defence).
+    ts.vault
+        .add_connection(
+            latchkey_server::demo::demo_connection(&ts.vault, "other-git")
+                .await
+                .unwrap(),
+            &actor,
+        )
+        .await
+        .unwrap();
+    let url = ts
+        .vault
+        .connect_start(&ts.info.user_id, "demo-git")
+        .await
+        .unwrap();
+    let state = url::Url::parse(&url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let err = ts
+        .vault
+        .connect_finish(&ts.info.user_id, "other-git", &state, "code", None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "invalid_request");
+    assert!(
+        err.description.contains("other-git's callback"),
+        "{}",
+        err.description
+    );
+    assert!(
+        ts.vault
+            .store()
+            .list_accounts(None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -51,7 +51,7 @@ impl Vault {
         let verifier = secrets::random_token(32);
         let challenge = secrets::sha256_b64(verifier.as_bytes());
         let state_hash = secrets::sha256_b64(state.as_bytes());
-        let redirect_uri = self.config.connect_redirect_uri();
+        let redirect_uri = self.config.connect_redirect_uri(&conn.name);
         let flow = ConnectFlow {
             code_verifier: self.keys.seal(
                 Slot {
@@ -109,10 +109,12 @@ impl Vault {
     }
 
     /// Finish a connect flow for the signed-in `user_id` with the provider's `code`.
-    /// `iss` is the authorization response's RFC 9207 parameter, when the provider sent one.
+    /// `connection` is the one whose callback URL the answer arrived at; `iss` the answer's
+    /// RFC 9207 parameter, when the provider sent one.
     pub async fn connect_finish(
         &self,
         user_id: &str,
+        connection: &str,
         state: &str,
         code: &str,
         iss: Option<&str>,
@@ -137,6 +139,12 @@ impl Vault {
             .await
             .map_err(store_err)?
             .ok_or_else(|| OAuthError::invalid_request("the connection was removed"))?;
+        if conn.name != connection {
+            return Err(OAuthError::invalid_request(format!(
+                "this answer arrived at {connection}'s callback, but the request was for {}; start again",
+                conn.name
+            )));
+        }
         // Mix-up defence: an answer that names another issuer is not this provider's.
         if let (Some(expected), Some(got)) = (catalog::expected_iss(&conn), iss)
             && expected != got

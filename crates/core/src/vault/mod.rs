@@ -104,8 +104,10 @@ impl VaultConfig {
         format!("{}connect/{connection}", self.issuer)
     }
 
-    pub fn connect_redirect_uri(&self) -> String {
-        format!("{}connect/callback", self.issuer)
+    /// Each connection has its own callback, so an answer is only accepted at the redirect URI
+    /// of the provider its flow was started for (RFC 9700 §4.4 mix-up defence).
+    pub fn connect_redirect_uri(&self, connection: &str) -> String {
+        format!("{}connect/{connection}/callback", self.issuer)
     }
 }
 

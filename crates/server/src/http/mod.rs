@@ -108,7 +108,7 @@ pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
         .route("/login/totp", get(web::totp_page).post(web::totp))
         .route("/logout", post(web::logout))
         .route("/account", get(web::account))
-        .route("/connect/callback", get(web::connect_callback))
+        .route("/connect/{connection}/callback", get(web::connect_callback))
         .route("/connect/{connection}", get(web::connect_start))
         .with_state(state.clone());
     if let Some(demo) = demo {

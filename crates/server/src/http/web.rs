@@ -375,6 +375,7 @@ pub struct CallbackQuery {
 
 pub async fn connect_callback(
     State(s): State<AppState>,
+    Path(connection): Path<String>,
     headers: HeaderMap,
     Query(q): Query<CallbackQuery>,
 ) -> Response {
@@ -398,7 +399,7 @@ pub async fn connect_callback(
     };
     match s
         .vault
-        .connect_finish(&user_id, &state, &code, q.iss.as_deref())
+        .connect_finish(&user_id, &connection, &state, &code, q.iss.as_deref())
         .await
     {
         // Back to the app (My Account `connect_code`) or to the /authorize request to resume.
