@@ -308,10 +308,17 @@ enum AccountCmd {
 enum KeyCmd {
     /// Start a new data key and re-encrypt every stored secret with it (safe while serving).
     /// With --kek, also replace the key-encryption key file and re-wrap the data keys.
-    #[command(after_help = "Examples:\n  latchkey key rotate\n  latchkey key rotate --kek")]
+    #[command(
+        after_help = "Examples:\n  latchkey key rotate\n  latchkey key rotate --kek\n  latchkey key rotate --signing"
+    )]
     Rotate {
-        #[arg(long)]
+        /// Also replace the key-encryption key file and re-wrap the data keys.
+        #[arg(long, conflicts_with = "signing")]
         kek: bool,
+        /// Rotate Latchkey's token-signing key instead: the new key signs, the old one stays in
+        /// the JWKS (and valid) until the next rotation. Running servers pick it up within a minute.
+        #[arg(long)]
+        signing: bool,
     },
 }
 
@@ -817,7 +824,13 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                 }
             );
         }
-        Command::Key(KeyCmd::Rotate { kek }) => {
+        Command::Key(KeyCmd::Rotate { signing: true, .. }) => {
+            let kid = vault.rotate_signing_key(&actor).await?;
+            println!(
+                "signing key {kid} is active; the previous key stays published until the next rotation"
+            );
+        }
+        Command::Key(KeyCmd::Rotate { kek, .. }) => {
             if kek {
                 rotate_kek(vault, config).await?;
             }

@@ -122,6 +122,12 @@ pub trait Store: Send + Sync + 'static {
     async fn server_secret(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
     /// Insert unless present; returns the stored value either way.
     async fn init_server_secret(&self, name: &str, sealed: &[u8]) -> StoreResult<Vec<u8>>;
+    /// Write several server secrets at once (signing-key rotation), with the audit entry.
+    async fn put_server_secrets(
+        &self,
+        secrets: &[(&str, Vec<u8>)],
+        audit: &AuditRecord,
+    ) -> StoreResult<()>;
     async fn sealed_fields(&self) -> StoreResult<Vec<SealedField>>;
     /// Replace blobs only where they still equal the ones read (concurrent writers win).
     async fn reseal_fields(&self, old_and_new: &[(SealedField, Vec<u8>)]) -> StoreResult<usize>;

@@ -204,13 +204,18 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let vault = self.vault.clone();
-        // Expired single-use identifiers, sessions and connect flows are purged in the background.
+        // Housekeeping every minute: purge expired single-use identifiers, sessions and connect
+        // flows; reload signing keys.
         let purger = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
                 if let Err(e) = vault.store().purge_expired_jtis(vault.now()).await {
                     tracing::warn!(error = %e, "purging expired identifiers failed");
+                }
+                // Pick up a signing-key rotation made by `latchkey key rotate --signing`.
+                if let Err(e) = vault.reload_signing_keys().await {
+                    tracing::warn!(error = %e, "reloading the signing keys failed");
                 }
             }
         });

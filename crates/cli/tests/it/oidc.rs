@@ -715,3 +715,79 @@ async fn user_present_exchanges() {
         .await
         .assert_error(400, "invalid_grant");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_rotate_with_overlap() {
+    let ts = TestServer::start().await;
+    let app1 = app(&ts, "notes", confidential()).await;
+    let p = pkce();
+    let jwks = || async {
+        let v: Value = ts
+            .http
+            .get(ts.url("/.well-known/jwks.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let kid_of = |jwt: &str| -> String {
+        let header: Value =
+            serde_json::from_slice(&B64.decode(jwt.split('.').next().unwrap()).unwrap()).unwrap();
+        header["kid"].as_str().unwrap().to_owned()
+    };
+    let before = code_grant(
+        &ts,
+        &app1,
+        &sign_in_for_code(&ts, &authorize_url(&ts, &app1.id, &p, &[])).await,
+        &p.verifier,
+    )
+    .await;
+    let old_kid = kid_of(before.token());
+    assert_eq!(jwks().await, vec![old_kid.clone()]);
+
+    // Rotate from the CLI while the server runs; the server reloads (it does so every minute).
+    let out = ts.cli(&["key", "rotate", "--signing"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ts.vault.reload_signing_keys().await.unwrap();
+    let keys = jwks().await;
+    assert_eq!(keys.len(), 2, "the old key stays published");
+    assert!(keys.contains(&old_kid));
+    // Tokens signed before the rotation still verify; new ones use the new key.
+    assert_eq!(userinfo(&ts, before.token()).await.0, 200);
+    let after = code_grant(
+        &ts,
+        &app1,
+        &sign_in_for_code(&ts, &authorize_url(&ts, &app1.id, &p, &[])).await,
+        &p.verifier,
+    )
+    .await;
+    let new_kid = kid_of(after.token());
+    assert_ne!(new_kid, old_kid);
+    assert!(keys.contains(&new_kid));
+    // A second rotation retires the first key: its tokens stop verifying.
+    assert!(ts.cli(&["key", "rotate", "--signing"]).status.success());
+    ts.vault.reload_signing_keys().await.unwrap();
+    assert!(!jwks().await.contains(&old_kid));
+    assert_eq!(userinfo(&ts, before.token()).await.0, 401);
+    assert_eq!(userinfo(&ts, after.token()).await.0, 200);
+    let audit = ts.vault.store().list_audit(50).await.unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e.record.action == "key.rotate_signing")
+            .count(),
+        2
+    );
+}

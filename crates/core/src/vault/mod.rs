@@ -200,8 +200,8 @@ pub struct Vault {
     upstream: Arc<dyn Upstream>,
     pub keys: KeyService,
     pepper: Zeroizing<Vec<u8>>,
-    /// Latchkey's own signing key (ID tokens, access tokens), published in the JWKS.
-    signing: SigningKey,
+    /// Latchkey's own signing keys (ID tokens, access tokens), published in the JWKS.
+    signing: std::sync::RwLock<Arc<SigningKeys>>,
     refresh_locks: RefreshLocks,
     rate: crate::rate::RateLimiter,
     login_failures: crate::rate::FailureLimiter,
@@ -221,20 +221,8 @@ impl Vault {
         let pepper = keys
             .server_secret(PEPPER_NAME, || secrets::random_bytes(32))
             .await?;
-        let signing_pem = keys
-            .server_secret("signing_key_rs256", || {
-                latchkey_crypto::keygen::generate(latchkey_crypto::Algorithm::RS256)
-                    .private_pem
-                    .as_bytes()
-                    .to_vec()
-            })
-            .await?;
-        let signing = std::str::from_utf8(&signing_pem)
-            .ok()
-            .and_then(|pem| SigningKey::from_pem(pem, latchkey_crypto::Algorithm::RS256, None).ok())
-            .ok_or(KeyError::Envelope(
-                latchkey_crypto::envelope::EnvelopeError::Malformed,
-            ))?;
+        let signing =
+            std::sync::RwLock::new(Arc::new(SigningKeys::load(&keys, store.as_ref()).await?));
         Ok(Self {
             signing,
             config,
@@ -321,4 +309,114 @@ pub(super) fn url_with_query(base: &str, pairs: &[(&str, &str)]) -> String {
         .collect();
     s.push_str(&encoded.join("&"));
     s
+}
+
+const SIGNING_CURRENT: &str = "signing_key_rs256";
+const SIGNING_PREVIOUS: &str = "signing_key_rs256_previous";
+
+fn server_secret_slot(name: &str) -> Slot<'_> {
+    Slot {
+        table: "server_secrets",
+        field: "value",
+        row: name,
+    }
+}
+
+/// Latchkey's signing keys: `current` signs; after a rotation `previous` stays published in the
+/// JWKS and accepted, so tokens signed just before the rotation keep verifying (overlap).
+pub(super) struct SigningKeys {
+    pub(super) current: SigningKey,
+    pub(super) previous: Option<SigningKey>,
+}
+
+fn parse_signing_key(pem: &[u8]) -> Result<SigningKey, KeyError> {
+    std::str::from_utf8(pem)
+        .ok()
+        .and_then(|pem| SigningKey::from_pem(pem, latchkey_crypto::Algorithm::RS256, None).ok())
+        .ok_or(KeyError::Envelope(
+            latchkey_crypto::envelope::EnvelopeError::Malformed,
+        ))
+}
+
+impl SigningKeys {
+    async fn load(keys: &KeyService, store: &dyn Store) -> Result<Self, KeyError> {
+        let current = keys
+            .server_secret(SIGNING_CURRENT, || {
+                latchkey_crypto::keygen::generate(latchkey_crypto::Algorithm::RS256)
+                    .private_pem
+                    .as_bytes()
+                    .to_vec()
+            })
+            .await?;
+        let previous = match store.server_secret(SIGNING_PREVIOUS).await? {
+            Some(blob) => Some(parse_signing_key(
+                &keys
+                    .open(server_secret_slot(SIGNING_PREVIOUS), &blob)
+                    .await?,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            current: parse_signing_key(&current)?,
+            previous,
+        })
+    }
+
+    /// The keys tokens are verified with.
+    pub(super) fn public_keys(&self) -> Vec<PublicKey> {
+        std::iter::once(self.current.public.clone())
+            .chain(self.previous.as_ref().map(|p| p.public.clone()))
+            .collect()
+    }
+}
+
+impl Vault {
+    pub(super) fn signing(&self) -> Arc<SigningKeys> {
+        self.signing.read().expect("signing keys lock").clone()
+    }
+
+    /// Re-read the signing keys (another process may have rotated them).
+    pub async fn reload_signing_keys(&self) -> Result<(), KeyError> {
+        let fresh = SigningKeys::load(&self.keys, self.store.as_ref()).await?;
+        *self.signing.write().expect("signing keys lock") = Arc::new(fresh);
+        Ok(())
+    }
+
+    /// A new signing key signs from now on; the current one stays published and accepted until
+    /// the next rotation. Returns the new key's `kid`.
+    pub async fn rotate_signing_key(&self, actor: &Actor) -> Result<String, KeyError> {
+        // The current key always exists once the vault is open (`SigningKeys::load` made it).
+        let blob = self
+            .store
+            .server_secret(SIGNING_CURRENT)
+            .await?
+            .ok_or(KeyError::Store(StoreError::NotFound))?;
+        let current = self
+            .keys
+            .open(server_secret_slot(SIGNING_CURRENT), &blob)
+            .await?;
+        let new = latchkey_crypto::keygen::generate(latchkey_crypto::Algorithm::RS256);
+        let new_kid = parse_signing_key(new.private_pem.as_bytes())?.public.kid;
+        let writes = [
+            (
+                SIGNING_PREVIOUS,
+                self.keys
+                    .seal(server_secret_slot(SIGNING_PREVIOUS), &current),
+            ),
+            (
+                SIGNING_CURRENT,
+                self.keys.seal(
+                    server_secret_slot(SIGNING_CURRENT),
+                    new.private_pem.as_bytes(),
+                ),
+            ),
+        ];
+        let audit = AuditRecord {
+            reason: Some(format!("new signing key {new_kid}")),
+            ..self.audit(actor, "key.rotate_signing")
+        };
+        self.store.put_server_secrets(&writes, &audit).await?;
+        self.reload_signing_keys().await?;
+        Ok(new_kid)
+    }
 }

@@ -66,9 +66,13 @@ fn amr_list(amr: &str) -> Vec<&str> {
 impl Vault {
     /// The public half of Latchkey's signing key(s), for `/.well-known/jwks.json`.
     pub fn jwks(&self) -> Value {
-        let jwk: Value =
-            serde_json::from_str(&self.signing.public.to_jwk_json()).unwrap_or_default();
-        json!({ "keys": [jwk] })
+        let keys: Vec<Value> = self
+            .signing()
+            .public_keys()
+            .iter()
+            .filter_map(|k| serde_json::from_str(&k.to_jwk_json()).ok())
+            .collect();
+        json!({ "keys": keys })
     }
 
     fn redirect_with(&self, uri: &str, pairs: &[(&str, &str)]) -> String {
@@ -556,7 +560,8 @@ impl Vault {
             refresh,
         } = issue;
         let now = self.now();
-        let access = self.signing.sign(
+        let signing = self.signing();
+        let access = signing.current.sign(
             Some(ACCESS_TOKEN_TYP),
             &json!({
                 "iss": self.config.issuer, "sub": user.id, "aud": audience, "client_id": client.id,
@@ -577,7 +582,7 @@ impl Vault {
                 if family.amr.split_whitespace().any(|m| m == "otp") {
                     claims["acr"] = json!(MFA_ACR);
                 }
-                self.signing.sign(Some("JWT"), &claims)
+                signing.current.sign(Some("JWT"), &claims)
             });
         TokenResponse {
             access_token: SecretString::from(access),
@@ -600,7 +605,7 @@ impl Vault {
         let claims: Claims = verify_jws(
             token,
             TypRule::Exactly(ACCESS_TOKEN_TYP),
-            std::slice::from_ref(&self.signing.public),
+            &self.signing().public_keys(),
         )
         .map_err(|e| bad(&e.to_string()))?;
         let s = |n: &str| {
@@ -666,7 +671,7 @@ impl Vault {
             None => match verify_jws(
                 token,
                 TypRule::Exactly(ACCESS_TOKEN_TYP),
-                std::slice::from_ref(&self.signing.public),
+                &self.signing().public_keys(),
             ) {
                 Ok(claims) => match claims.str("fam") {
                     Ok(id) => self.store.token_family(id).await.map_err(store_err)?,

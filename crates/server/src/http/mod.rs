@@ -27,7 +27,6 @@ use tokio::net::TcpListener;
 pub struct AppState {
     pub vault: Arc<Vault>,
     pub metrics: PrometheusHandle,
-    pub jwks: Arc<serde_json::Value>,
     /// Cookies get `Secure` when served over TLS.
     pub tls: bool,
 }
@@ -35,7 +34,6 @@ pub struct AppState {
 impl AppState {
     pub fn new(vault: Arc<Vault>, tls: bool) -> Self {
         Self {
-            jwks: Arc::new(vault.jwks()),
             vault,
             metrics: prometheus(),
             tls,

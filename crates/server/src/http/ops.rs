@@ -42,7 +42,7 @@ pub async fn discovery(State(s): State<AppState>) -> Response {
 }
 
 pub async fn jwks(State(s): State<AppState>) -> Response {
-    let mut resp = json_response(StatusCode::OK, &s.jwks, None);
+    let mut resp = json_response(StatusCode::OK, &s.vault.jwks(), None);
     public_cache(&mut resp);
     resp
 }

@@ -376,6 +376,26 @@ impl Store for SqliteStore {
         Ok(value)
     }
 
+    async fn put_server_secrets(
+        &self,
+        secrets: &[(&str, Vec<u8>)],
+        audit: &AuditRecord,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        for (name, value) in secrets {
+            sqlx::query(
+                "INSERT INTO server_secrets (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            )
+            .bind(name)
+            .bind(value)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
     async fn sealed_fields(&self) -> StoreResult<Vec<SealedField>> {
         let mut out = Vec::new();
         for (table, field, key) in SEALED_COLUMNS {
