@@ -14,6 +14,10 @@
 //   ai-token-vault               `@auth0/ai` TokenVaultAuthorizerBase.protect() around a tool that
 //       calls getAccessTokenFromTokenVault() — the code every framework's withTokenVault() wraps:
 //       LK_CLIENT_ID, LK_CLIENT_SECRET, LK_REFRESH_TOKEN, LK_CONNECTION, LK_SCOPES (spaces).
+//   ai-vercel-with-token-vault   `@auth0/ai-vercel` Auth0AI.withTokenVault() wrapping a Vercel AI
+//       SDK `tool()` (`ai` 5) whose execute calls getAccessTokenFromTokenVault(); execute is
+//       invoked as the AI SDK invokes it (input, {toolCallId, messages}), no model involved.
+//       Same inputs and answer as ai-token-vault.
 //
 // Prints one JSON object: {"ok": true, ...} with what the SDK returned, or {"ok": false, ...}
 // with what it threw. "sent" lists the SDK's requests to Latchkey as observed by a spy on
@@ -177,6 +181,51 @@ const scenarios = {
     } catch (e) {
       if (!(e instanceof TokenVaultInterrupt)) throw e;
       // The interrupt as the SDK serializes it for the front end (AUTH0_AI_INTERRUPT JSON).
+      return { ok: false, interrupt: e.toJSON() };
+    }
+  },
+
+  async "ai-vercel-with-token-vault"() {
+    // CommonJS builds, as for ai-token-vault: @auth0/ai-vercel's ESM build has extension-less
+    // relative imports too.
+    const require = createRequire(import.meta.url);
+    const { Auth0AI, getAccessTokenFromTokenVault, getCredentialsFromTokenVault, runWithAIContext } =
+      require("@auth0/ai-vercel");
+    const { TokenVaultInterrupt } = require("@auth0/ai/interrupts");
+    const { tool } = require("ai");
+    const { z } = require("zod");
+    const auth0AI = new Auth0AI({
+      auth0: { domain: env("LK_DOMAIN"), clientId: env("LK_CLIENT_ID"), clientSecret: env("LK_CLIENT_SECRET") },
+    });
+    const withConnection = auth0AI.withTokenVault({
+      connection: env("LK_CONNECTION"),
+      scopes: env("LK_SCOPES").split(" "),
+      refreshToken: async () => env("LK_REFRESH_TOKEN"),
+    });
+    const readProfile = withConnection(
+      tool({
+        description: "Read the user's profile at the upstream provider",
+        inputSchema: z.object({ what: z.string() }),
+        execute: async () => ({
+          accessToken: getAccessTokenFromTokenVault(),
+          credentials: getCredentialsFromTokenVault(),
+        }),
+      }),
+    );
+    // The route handler sets the thread (setAIContext / runWithAIContext); the AI SDK passes the
+    // tool call's options as execute's second argument.
+    const options = { toolCallId: "call-1", messages: [] };
+    try {
+      const { accessToken, credentials } = await runWithAIContext({ threadID: "thread-1" }, () =>
+        readProfile.execute({ what: "user" }, options),
+      );
+      return {
+        ok: true,
+        accessToken,
+        credentials: { tokenType: credentials.tokenType, expiresIn: credentials.expiresIn, scopes: credentials.scopes },
+      };
+    } catch (e) {
+      if (!(e instanceof TokenVaultInterrupt)) throw e;
       return { ok: false, interrupt: e.toJSON() };
     }
   },

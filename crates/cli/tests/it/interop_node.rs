@@ -1,7 +1,8 @@
 //! Software nobody here wrote, from npm (pinned in interop/node/package-lock.json; `scripts/test`
 //! runs `npm ci`): a certified OpenID provider, `oidc-provider`, as a real upstream that users
 //! connect through its own login and consent pages; and Auth0's Node SDKs — `auth0`,
-//! `@auth0/auth0-auth-js`, `@auth0/ai` — unchanged, against Latchkey over TLS.
+//! `@auth0/auth0-auth-js`, `@auth0/ai`, `@auth0/ai-vercel` — unchanged, against Latchkey over
+//! TLS.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -793,20 +794,25 @@ async fn auth0_auth_js_exchange_token() {
     );
 }
 
+/// The two ways `@auth0/ai`'s Token Vault authorizer runs a tool here: its base class's
+/// `protect()` directly, and `@auth0/ai-vercel`'s `withTokenVault()` around a Vercel AI SDK
+/// `tool()` — what an application writes.
+const AI_SCENARIOS: [&str; 2] = ["ai-token-vault", "ai-vercel-with-token-vault"];
+
 /// T8, T9, T10 (in part), T11: `@auth0/ai`'s Token Vault authorizer around a tool, in a plain
-/// Node script (no agent framework).
+/// Node script (no model): bare, and through `@auth0/ai-vercel`'s `withTokenVault`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth0_ai_token_vault() {
     let ts = TestServer::start().await;
     let app1 = app(&ts, "agent-app", confidential()).await;
     grant(&ts, &app1.id, "read:user repo:read").await;
     let refresh = refresh_token_for(&ts, &app1).await;
-    let run = |scopes: &'static str| {
+    let run = |scenario: &'static str, scopes: &'static str| {
         let (ts, app1, refresh) = (&ts, &app1, &refresh);
         async move {
             sdk(
                 ts,
-                "ai-token-vault",
+                scenario,
                 &[
                     ("LK_CLIENT_ID", app1.id.as_str()),
                     ("LK_CLIENT_SECRET", app1.secret.as_str()),
@@ -820,59 +826,74 @@ async fn auth0_ai_token_vault() {
     };
 
     // T11: not connected → Latchkey's 401 becomes a TokenVaultInterrupt for the connection.
-    let answer = run("read:user").await;
-    let interrupt = &answer["interrupt"];
-    assert_eq!(
-        (
-            answer["ok"].as_bool(),
-            interrupt["name"].as_str(),
-            interrupt["code"].as_str(),
-            interrupt["connection"].as_str()
-        ),
-        (
-            Some(false),
-            Some("AUTH0_AI_INTERRUPT"),
-            Some("TOKEN_VAULT_ERROR"),
-            Some("demo-git")
-        ),
-        "{answer}"
-    );
-    assert_eq!(
-        interrupt["requiredScopes"],
-        serde_json::json!(["read:user"])
-    );
-    let request = token_request(&answer);
-    assert_eq!(request["contentType"], "application/json");
-    assert_eq!(request["params"]["client_id"], app1.id.as_str());
+    for scenario in AI_SCENARIOS {
+        let answer = run(scenario, "read:user").await;
+        let interrupt = &answer["interrupt"];
+        assert_eq!(
+            (
+                answer["ok"].as_bool(),
+                interrupt["name"].as_str(),
+                interrupt["code"].as_str(),
+                interrupt["connection"].as_str()
+            ),
+            (
+                Some(false),
+                Some("AUTH0_AI_INTERRUPT"),
+                Some("TOKEN_VAULT_ERROR"),
+                Some("demo-git")
+            ),
+            "{scenario}: {answer}"
+        );
+        assert_eq!(
+            interrupt["requiredScopes"],
+            serde_json::json!(["read:user"]),
+            "{scenario}"
+        );
+        let request = token_request(&answer);
+        assert_eq!(request["contentType"], "application/json", "{scenario}");
+        assert_eq!(
+            request["params"]["client_id"],
+            app1.id.as_str(),
+            "{scenario}"
+        );
+    }
 
     ts.connect_demo_account().await;
-    // T8: the tool runs with the upstream token.
-    let answer = run("read:user repo:read").await;
-    assert_eq!(answer["ok"], true, "{answer}");
-    assert_eq!(
-        answer["credentials"]["scopes"],
-        serde_json::json!(["read:user", "repo:read"])
-    );
-    assert!(answer["credentials"]["expiresIn"].is_i64());
-    let token = answer["accessToken"].as_str().unwrap();
-    assert_eq!(ts.demo_api(token, "user").await.0, 200);
-    assert_eq!(ts.demo_api(token, "repos").await.0, 200);
-    // T10 (the part that applies here): one scope out of a space-delimited multi-scope answer.
-    let answer = run("repo:read").await;
-    assert_eq!(answer["ok"], true, "{answer}");
-    // T9: a scope outside the grant → an interrupt naming what is missing.
-    let answer = run("read:user repo:write").await;
-    let interrupt = &answer["interrupt"];
-    assert_eq!(interrupt["code"], "TOKEN_VAULT_ERROR", "{answer}");
-    assert_eq!(
-        interrupt["requiredScopes"],
-        serde_json::json!(["read:user", "repo:read", "repo:write"])
-    );
-    assert!(
-        interrupt["message"]
-            .as_str()
-            .unwrap()
-            .ends_with("Missing scopes: repo:write"),
-        "{interrupt}"
-    );
+    for scenario in AI_SCENARIOS {
+        // T8: the tool runs with the upstream token.
+        let answer = run(scenario, "read:user repo:read").await;
+        assert_eq!(answer["ok"], true, "{scenario}: {answer}");
+        assert_eq!(
+            answer["credentials"]["scopes"],
+            serde_json::json!(["read:user", "repo:read"]),
+            "{scenario}"
+        );
+        assert!(answer["credentials"]["expiresIn"].is_i64(), "{scenario}");
+        let token = answer["accessToken"].as_str().unwrap();
+        assert_eq!(ts.demo_api(token, "user").await.0, 200, "{scenario}");
+        assert_eq!(ts.demo_api(token, "repos").await.0, 200, "{scenario}");
+        // T10 (the part that applies here): one scope out of a space-delimited multi-scope
+        // answer.
+        let answer = run(scenario, "repo:read").await;
+        assert_eq!(answer["ok"], true, "{scenario}: {answer}");
+        // T9: a scope outside the grant → an interrupt naming what is missing.
+        let answer = run(scenario, "read:user repo:write").await;
+        let interrupt = &answer["interrupt"];
+        assert_eq!(
+            interrupt["code"], "TOKEN_VAULT_ERROR",
+            "{scenario}: {answer}"
+        );
+        assert_eq!(
+            interrupt["requiredScopes"],
+            serde_json::json!(["read:user", "repo:read", "repo:write"]),
+            "{scenario}"
+        );
+        assert!(
+            interrupt["message"]
+                .as_str()
+                .unwrap()
+                .ends_with("Missing scopes: repo:write"),
+            "{scenario}: {interrupt}"
+        );
+    }
 }
