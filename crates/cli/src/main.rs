@@ -133,6 +133,10 @@ enum UserCmd {
     /// Set a user's password (read from standard input).
     #[command(after_help = "Example:\n  echo 'new password here' | latchkey user passwd alice")]
     Passwd { user: String },
+    /// Delete a user and everything that is theirs; their connected accounts are revoked at
+    /// the providers first.
+    #[command(after_help = "Example:\n  latchkey user delete alice")]
+    Delete { user: String },
     /// List users.
     #[command(after_help = "Example:\n  latchkey user list --json")]
     List {
@@ -274,6 +278,19 @@ enum AgentCmd {
         #[arg(long = "ip")]
         ip_allowlist: Vec<String>,
     },
+    /// Remove an agent's (or app's) grant for a connection.
+    #[command(after_help = "Example:\n  latchkey agent ungrant agt_… --connection demo-git")]
+    Ungrant {
+        agent: String,
+        #[arg(long)]
+        connection: String,
+    },
+    /// Disable an agent (or app): it cannot authenticate any more, so none of its grants works.
+    #[command(after_help = "Example:\n  latchkey agent disable agt_…")]
+    Disable { agent: String },
+    /// Enable a disabled agent (or app) again.
+    #[command(after_help = "Example:\n  latchkey agent enable agt_…")]
+    Enable { agent: String },
     /// List agents.
     #[command(after_help = "Example:\n  latchkey agent list --json")]
     List {
@@ -562,6 +579,10 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                 }
             }
         }
+        Command::User(UserCmd::Delete { user }) => {
+            let revoked = vault.delete_user(&user, &actor).await?;
+            println!("deleted {user}; {revoked} connected account(s) revoked at their providers");
+        }
         Command::User(UserCmd::List { json }) => {
             let users = vault.store().list_users().await?;
             if json {
@@ -759,6 +780,18 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                 .await?;
             println!("granted {} on {connection}: {}", g.agent_id, g.scopes);
         }
+        Command::Agent(AgentCmd::Ungrant { agent, connection }) => {
+            vault.remove_grant(&agent, &connection, &actor).await?;
+            println!("removed the grant of {agent} on {connection}");
+        }
+        Command::Agent(AgentCmd::Disable { agent }) => {
+            vault.set_agent_disabled(&agent, true, &actor).await?;
+            println!("disabled {agent}");
+        }
+        Command::Agent(AgentCmd::Enable { agent }) => {
+            vault.set_agent_disabled(&agent, false, &actor).await?;
+            println!("enabled {agent}");
+        }
         Command::Agent(AgentCmd::List { json }) => {
             let list = vault.store().list_agents().await?;
             if json {
@@ -797,13 +830,19 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                     .map(|a| serde_json::json!({
                         "id": a.id, "user_id": a.user_id, "connection": name(&a.connection_id),
                         "upstream_account_id": a.upstream_account_id, "scopes": a.scopes.to_string_spaced(),
-                        "status": a.status.as_str(), "last_used_at": a.last_used_at,
+                        "status": a.status.as_str(), "status_reason": a.status_reason,
+                        "last_used_at": a.last_used_at, "last_refreshed_at": a.last_refreshed_at,
                     }))
                     .collect::<Vec<_>>()));
             } else {
                 for a in list {
+                    let reason = a
+                        .status_reason
+                        .as_deref()
+                        .map(|r| format!("\t({r})"))
+                        .unwrap_or_default();
                     println!(
-                        "{}\t{}\t{}\t{}\t{}",
+                        "{}\t{}\t{}\t{}\t{}{reason}",
                         a.id,
                         a.user_id,
                         name(&a.connection_id),

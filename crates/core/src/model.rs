@@ -91,9 +91,12 @@ pub struct ConnectedAccount {
     pub access_expires_at: Option<i64>,
     pub refresh_token: Option<Vec<u8>>,
     pub status: AccountStatus,
+    /// Why the account is not active (shown to operators and, for `needs_reauth`, to agents).
+    pub status_reason: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
     pub last_used_at: Option<i64>,
+    pub last_refreshed_at: Option<i64>,
     /// Bumped on every token change; a conditional update on it fences concurrent writers.
     pub token_version: i64,
 }

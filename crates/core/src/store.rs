@@ -211,6 +211,23 @@ pub trait Store: Send + Sync + 'static {
     async fn list_agents(&self) -> StoreResult<Vec<Agent>>;
     async fn upsert_grant(&self, grant: &Grant, audit: &AuditRecord) -> StoreResult<()>;
     async fn grant_for(&self, agent_id: &str, connection_id: &str) -> StoreResult<Option<Grant>>;
+    /// Disable (or re-enable) a client. Returns false if it does not exist.
+    async fn set_agent_disabled(
+        &self,
+        id: &str,
+        disabled: bool,
+        audit: &AuditRecord,
+    ) -> StoreResult<bool>;
+    /// Remove a grant. Returns false if there was none.
+    async fn delete_grant(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        audit: &AuditRecord,
+    ) -> StoreResult<bool>;
+    /// Delete a user and everything that belongs to them (accounts and their tokens, sessions,
+    /// sign-ins, pending flows) in one transaction. The audit trail keeps its entries.
+    async fn delete_user(&self, user_id: &str, audit: &AuditRecord) -> StoreResult<bool>;
 
     /// The release of a token, in one transaction: consume every `jti` (a unique insert; a
     /// duplicate is [`ReleaseError::Replay`]), check the account is still active and stamp its

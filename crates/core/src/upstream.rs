@@ -91,10 +91,14 @@ pub enum UpstreamError {
     #[error("provider refused the grant: {0}")]
     InvalidGrant(String),
     /// Timeout, connection failure, 5xx, or 429: try again later; `retry_after` in seconds.
+    /// `retryable` only when the provider certainly did not act on the request (the connection
+    /// failed before it was sent, or 503): re-sending a rotating refresh token the provider did
+    /// consume would revoke the whole grant.
     #[error("provider temporarily unavailable: {message}")]
     Transient {
         message: String,
         retry_after: Option<u64>,
+        retryable: bool,
     },
     /// The provider answered something that is not a valid OAuth response.
     #[error("provider answered malformed data: {0}")]

@@ -87,6 +87,7 @@ fn token_answer(
         return Err(UpstreamError::Transient {
             message: format!("token endpoint answered {status}"),
             retry_after,
+            retryable: status == StatusCode::SERVICE_UNAVAILABLE && retry_after.is_none(),
         });
     }
     let json = serde_json::from_slice::<serde_json::Value>(bytes).ok();
@@ -163,6 +164,8 @@ fn transport_error(e: reqwest::Error) -> UpstreamError {
     UpstreamError::Transient {
         message: kind.into(),
         retry_after: None,
+        // Only a connection that never opened certainly carried nothing to the provider.
+        retryable: e.is_connect(),
     }
 }
 
@@ -304,6 +307,7 @@ impl Upstream for HttpUpstream {
             Err(UpstreamError::Transient {
                 message: format!("revocation endpoint answered {status}"),
                 retry_after: retry_after(&resp),
+                retryable: false,
             })
         } else {
             Err(UpstreamError::Protocol(format!(

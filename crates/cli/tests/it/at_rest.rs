@@ -123,9 +123,10 @@ async fn a_ciphertext_moved_to_another_row_does_not_open() {
     // Copy the demo user's account row, sealed tokens included, to bob.
     let pool = ts.sql_pool().await;
     sqlx::query(
-        "INSERT INTO connected_accounts SELECT 'cac_stolen', ?, connection_id, upstream_account_id, scopes, access_token, \
-         access_expires_at, refresh_token, status, created_at, updated_at, last_used_at, token_version \
-         FROM connected_accounts WHERE id = ?",
+        "INSERT INTO connected_accounts (id, user_id, connection_id, upstream_account_id, scopes, access_token, \
+         access_expires_at, refresh_token, status, created_at, updated_at, token_version) \
+         SELECT 'cac_stolen', ?, connection_id, upstream_account_id, scopes, access_token, access_expires_at, \
+         refresh_token, status, created_at, updated_at, token_version FROM connected_accounts WHERE id = ?",
     )
     .bind(&bob.id)
     .bind(&account)

@@ -11,6 +11,7 @@ mod connected_accounts;
 mod interop;
 mod interop_node;
 mod interop_server_python;
+mod lifecycle;
 mod login;
 mod oidc;
 mod ops;

@@ -44,6 +44,13 @@ async fn fifty_concurrent_exchanges_one_refresh() {
     let fresh = tokens.into_iter().next().unwrap();
     assert_ne!(fresh, old);
     assert_eq!(ts.demo_api(&fresh, "user").await.0, 200);
+    let account = &ts.vault.store().list_accounts(None).await.unwrap()[0];
+    assert!(
+        account
+            .last_refreshed_at
+            .is_some_and(|t| (t - ts.now()).abs() <= 5),
+        "the refresh is recorded"
+    );
 
     // The rotated refresh token was stored: a later expiry refreshes again, successfully.
     ts.clock.advance(301);
@@ -95,6 +102,14 @@ async fn dead_refresh_token_asks_the_user_to_reconnect() {
     ts.clock.advance(301);
     let a = ts.post_form(&ts.exchange_params()).await;
     a.assert_error(401, "federated_connection_refresh_token_not_found");
+    assert!(
+        a.body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("refused the stored refresh token"),
+        "the agent is told why: {:?}",
+        a.body
+    );
     let stored = ts
         .vault
         .store()
@@ -103,6 +118,16 @@ async fn dead_refresh_token_asks_the_user_to_reconnect() {
         .unwrap()
         .unwrap();
     assert_eq!(stored.status.as_str(), "needs_reauth");
+    // Operators see the status and the reason.
+    let out = ts.cli(&["account", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["status"], "needs_reauth");
+    assert!(
+        list[0]["status_reason"]
+            .as_str()
+            .unwrap()
+            .contains("connect again")
+    );
     // Reconnecting brings it back.
     ts.connect_demo_account().await;
     ts.post_form(&ts.exchange_params()).await.token();

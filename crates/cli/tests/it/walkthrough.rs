@@ -327,3 +327,94 @@ async fn connect_answers_are_bound_to_the_session_and_the_provider() {
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_cascades_from_the_cli() {
+    let ts = TestServer::start().await;
+    ts.connect_demo_account().await;
+    ts.post_form(&ts.exchange_params()).await.token();
+    let agent = ts.info.agent_id.clone();
+    let run = |args: &[&str]| {
+        let out = ts.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // Removing the grant stops that grant at once.
+    run(&["agent", "ungrant", &agent, "--connection", "demo-git"]);
+    ts.post_form(&ts.exchange_params())
+        .await
+        .assert_error(403, "unauthorized_client");
+    run(&[
+        "agent",
+        "grant",
+        &agent,
+        "--connection",
+        "demo-git",
+        "--scopes",
+        "read:user",
+    ]);
+    ts.post_form(&ts.exchange_params()).await.token();
+
+    // Disabling the agent stops everything it could do; enabling brings it back.
+    run(&["agent", "disable", &agent]);
+    ts.post_form(&ts.exchange_params())
+        .await
+        .assert_error(401, "invalid_client");
+    run(&["agent", "enable", &agent]);
+    ts.post_form(&ts.exchange_params()).await.token();
+
+    // Deleting the user revokes their accounts at the provider and removes everything of theirs.
+    let revocations = ts.demo.stats().revocations;
+    run(&["user", "delete", "demo"]);
+    assert_eq!(
+        ts.demo.stats().revocations,
+        revocations + 1,
+        "the provider was asked to revoke"
+    );
+    ts.post_form(&ts.exchange_params())
+        .await
+        .assert_error(400, "invalid_grant");
+    assert!(
+        ts.vault
+            .store()
+            .list_accounts(None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        ts.vault
+            .store()
+            .user_by_username("demo")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let actions: Vec<String> = ts
+        .vault
+        .store()
+        .list_audit(50)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.record.action)
+        .collect();
+    for action in [
+        "grant.delete",
+        "client.disable",
+        "client.enable",
+        "account.revoke",
+        "user.delete",
+    ] {
+        assert!(actions.iter().any(|a| a == action), "{action} is audited");
+    }
+    // The CLI says clearly when there is nothing to act on.
+    run(&["agent", "ungrant", &agent, "--connection", "demo-git"]);
+    let out = ts.cli(&["agent", "ungrant", &agent, "--connection", "demo-git"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no grant for `demo-git`"));
+}

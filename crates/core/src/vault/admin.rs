@@ -223,6 +223,90 @@ impl Vault {
         Ok(RevokeOutcome { upstream_revoked })
     }
 
+    /// Disable (or re-enable) a client: from the next request on it cannot authenticate, so
+    /// none of its grants is usable.
+    pub async fn set_agent_disabled(
+        &self,
+        agent_id: &str,
+        disabled: bool,
+        actor: &Actor,
+    ) -> Result<(), AdminError> {
+        let audit = AuditRecord {
+            reason: Some(format!(
+                "{agent_id} {}",
+                if disabled { "disabled" } else { "enabled" }
+            )),
+            ..self.audit(
+                actor,
+                if disabled {
+                    "client.disable"
+                } else {
+                    "client.enable"
+                },
+            )
+        };
+        if self
+            .store
+            .set_agent_disabled(agent_id, disabled, &audit)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(AdminError::NotFound(format!("no agent `{agent_id}`")))
+        }
+    }
+
+    /// Remove an agent's grant for a connection: its next exchange there is refused.
+    pub async fn remove_grant(
+        &self,
+        agent_id: &str,
+        connection: &str,
+        actor: &Actor,
+    ) -> Result<(), AdminError> {
+        let conn = self
+            .store
+            .connection_by_name(connection)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(format!("no connection `{connection}`")))?;
+        let audit = AuditRecord {
+            connection: Some(conn.name.clone()),
+            reason: Some(format!("grant of {agent_id} removed")),
+            ..self.audit(actor, "grant.delete")
+        };
+        if self.store.delete_grant(agent_id, &conn.id, &audit).await? {
+            Ok(())
+        } else {
+            Err(AdminError::NotFound(format!(
+                "agent `{agent_id}` has no grant for `{connection}`"
+            )))
+        }
+    }
+
+    /// Delete a user and everything that belongs to them: each connected account is revoked
+    /// (at the provider too, where it can be), then the user, their sessions, sign-ins and
+    /// pending flows go in one transaction. Returns how many accounts the providers revoked.
+    pub async fn delete_user(&self, user_ref: &str, actor: &Actor) -> Result<usize, AdminError> {
+        let user = self.find_user(user_ref).await?;
+        let mut revoked_upstream = 0;
+        for account in self.store.list_accounts(Some(&user.id)).await? {
+            if account.status != AccountStatus::Revoked
+                && self
+                    .revoke_account(&account.id, actor)
+                    .await?
+                    .upstream_revoked
+            {
+                revoked_upstream += 1;
+            }
+        }
+        let audit = AuditRecord {
+            subject_user: Some(user.id.clone()),
+            reason: Some(format!("user {} deleted", user.username)),
+            ..self.audit(actor, "user.delete")
+        };
+        self.store.delete_user(&user.id, &audit).await?;
+        Ok(revoked_upstream)
+    }
+
     /// Rotate the data key and re-seal every stored secret (online).
     pub async fn rotate_data_key(&self) -> Result<crate::keys::RotationReport, KeyError> {
         self.keys.rotate_data_key(self.now()).await

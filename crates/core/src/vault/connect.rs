@@ -205,9 +205,11 @@ impl Vault {
             access_expires_at: None,
             refresh_token: None,
             status: AccountStatus::Active,
+            status_reason: None,
             created_at: now,
             updated_at: now,
             last_used_at: None,
+            last_refreshed_at: None,
             token_version: 0,
         });
         let mut account = self.apply_tokens(base, tokens, Some(&flow.scopes));

@@ -524,16 +524,30 @@ impl Vault {
             .accounts_for(user_id, &connection.id)
             .await
             .map_err(store_err)?;
-        accounts
-            .into_iter()
-            .filter(|a| a.status == AccountStatus::Active)
-            .find(|a| login_hint.is_none_or(|h| a.upstream_account_id.as_deref() == Some(h)))
-            .ok_or_else(|| {
-                OAuthError::not_connected(
-                    &connection.name,
-                    self.config.connect_uri(&connection.name),
-                )
-            })
+        let matching = |a: &ConnectedAccount| {
+            login_hint.is_none_or(|h| a.upstream_account_id.as_deref() == Some(h))
+        };
+        if let Some(a) = accounts
+            .iter()
+            .find(|a| a.status == AccountStatus::Active && matching(a))
+        {
+            return Ok(a.clone());
+        }
+        let mut err =
+            OAuthError::not_connected(&connection.name, self.config.connect_uri(&connection.name));
+        // Say why, when the account exists but the provider stopped honouring it.
+        if let Some(reason) = accounts
+            .iter()
+            .find(|a| a.status == AccountStatus::NeedsReauth && matching(a))
+            .map(|a| a.status_reason.clone().unwrap_or_default())
+        {
+            err.description = format!(
+                "the user must reconnect {} at {}: {reason}",
+                connection.name,
+                self.config.connect_uri(&connection.name)
+            );
+        }
+        Err(err)
     }
 }
 

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Extra attempts after a refresh that certainly did not reach the provider.
+const MAX_REFRESH_RETRIES: u32 = 2;
+
 impl Vault {
     fn is_fresh(&self, a: &ConnectedAccount) -> bool {
         a.access_token.is_some()
@@ -182,7 +185,9 @@ impl Vault {
         let not_connected =
             || OAuthError::not_connected(&conn.name, self.config.connect_uri(&conn.name));
         let ep = self.endpoints(conn).await?;
-        for attempt in 0..2 {
+        let mut reread = false;
+        let mut retries = 0u32;
+        loop {
             let Some(blob) = current.refresh_token.as_deref() else {
                 return Err(not_connected());
             };
@@ -209,18 +214,23 @@ impl Vault {
                         .await
                         .map_err(store_err)?
                         .ok_or_else(not_connected)?;
-                    if attempt == 0
+                    if !reread
                         && again.status == AccountStatus::Active
                         && again.token_version != current.token_version
                     {
+                        reread = true;
                         current = again;
                         continue;
                     }
+                    let reason = format!(
+                        "{} refused the stored refresh token ({why}), so the user must connect again",
+                        conn.name
+                    );
                     let audit = AuditRecord {
                         subject_user: Some(current.user_id.clone()),
                         connection: Some(conn.name.clone()),
                         account_id: Some(current.id.clone()),
-                        reason: Some(format!("provider refused the refresh token: {why}")),
+                        reason: Some(reason.clone()),
                         ..self.audit(
                             &Actor {
                                 kind: "operator",
@@ -239,11 +249,31 @@ impl Vault {
                         )
                         .await
                         .map_err(store_err)?;
-                    return Err(not_connected());
+                    let mut err = not_connected();
+                    err.description = format!(
+                        "the user must reconnect {} at {}: {reason}",
+                        conn.name,
+                        self.config.connect_uri(&conn.name)
+                    );
+                    return Err(err);
+                }
+                Err(UpstreamError::Transient {
+                    retryable: true, ..
+                }) if retries < MAX_REFRESH_RETRIES => {
+                    // Bounded, with jitter, so that many accounts failing together do not retry
+                    // in lockstep.
+                    retries += 1;
+                    let jitter = u64::from(secrets::random_bytes(1)[0]) % 100;
+                    tokio::time::sleep(std::time::Duration::from_millis(
+                        100 * (1 << retries) + jitter,
+                    ))
+                    .await;
+                    continue;
                 }
                 Err(UpstreamError::Transient {
                     message,
                     retry_after,
+                    ..
                 }) => {
                     tracing::warn!(connection = %conn.name, %message, "upstream refresh failed, token left untouched");
                     return Err(OAuthError::upstream_unavailable(
@@ -260,7 +290,6 @@ impl Vault {
                 }
             }
         }
-        Err(not_connected())
     }
 
     /// The account with new upstream tokens sealed in (old refresh token kept if none came).

@@ -207,9 +207,11 @@ fn account_row(r: &SqliteRow) -> ConnectedAccount {
         access_expires_at: r.get("access_expires_at"),
         refresh_token: r.get("refresh_token"),
         status: AccountStatus::parse(r.get::<&str, _>("status")),
+        status_reason: r.get("status_reason"),
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
         last_used_at: r.get("last_used_at"),
+        last_refreshed_at: r.get("last_refreshed_at"),
         token_version: r.get("token_version"),
     }
 }
@@ -596,7 +598,7 @@ impl Store for SqliteStore {
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT(id) DO UPDATE SET scopes = excluded.scopes, access_token = excluded.access_token, \
              access_expires_at = excluded.access_expires_at, refresh_token = excluded.refresh_token, \
-             status = excluded.status, updated_at = excluded.updated_at, \
+             status = excluded.status, status_reason = NULL, updated_at = excluded.updated_at, \
              token_version = connected_accounts.token_version + 1",
         )
         .bind(&a.id)
@@ -677,12 +679,14 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let n = sqlx::query(
             "UPDATE connected_accounts SET scopes = ?, access_token = ?, access_expires_at = ?, refresh_token = ?, \
-             updated_at = ?, token_version = ? WHERE id = ? AND token_version = ? AND status = 'active'",
+             updated_at = ?, last_refreshed_at = ?, token_version = ? WHERE id = ? AND token_version = ? \
+             AND status = 'active'",
         )
         .bind(a.scopes.to_string_spaced())
         .bind(&a.access_token)
         .bind(a.access_expires_at)
         .bind(&a.refresh_token)
+        .bind(a.updated_at)
         .bind(a.updated_at)
         .bind(expected_version + 1)
         .bind(&a.id)
@@ -703,9 +707,11 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let mut tx = self.write().await?;
         let n = sqlx::query(
-            "UPDATE connected_accounts SET status = ?, token_version = token_version + 1 WHERE id = ? AND token_version = ?",
+            "UPDATE connected_accounts SET status = ?, status_reason = ?, token_version = token_version + 1 \
+             WHERE id = ? AND token_version = ?",
         )
         .bind(status.as_str())
+        .bind(&audit.reason)
         .bind(id)
         .bind(expected_version)
         .execute(&mut *tx)
@@ -740,10 +746,11 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let mut tx = self.write().await?;
         let n = sqlx::query(
-            "UPDATE connected_accounts SET refresh_token = ?, updated_at = ?, token_version = ? \
-             WHERE id = ? AND token_version = ? AND status = 'active'",
+            "UPDATE connected_accounts SET refresh_token = ?, updated_at = ?, last_refreshed_at = ?, \
+             token_version = ? WHERE id = ? AND token_version = ? AND status = 'active'",
         )
         .bind(&a.refresh_token)
+        .bind(a.updated_at)
         .bind(a.updated_at)
         .bind(expected_version + 1)
         .bind(&a.id)
@@ -773,9 +780,10 @@ impl Store for SqliteStore {
     async fn revoke_account(&self, id: &str, audit: &AuditRecord) -> StoreResult<bool> {
         let mut tx = self.write().await?;
         let n = sqlx::query(
-            "UPDATE connected_accounts SET status = 'revoked', access_token = NULL, refresh_token = NULL, \
-             access_expires_at = NULL, token_version = token_version + 1, updated_at = ? WHERE id = ?",
+            "UPDATE connected_accounts SET status = 'revoked', status_reason = ?, access_token = NULL, \
+             refresh_token = NULL, access_expires_at = NULL, token_version = token_version + 1, updated_at = ? WHERE id = ?",
         )
+        .bind(format!("revoked by {} {}", audit.actor_type, audit.actor_id))
         .bind(audit.at)
         .bind(id)
         .execute(&mut *tx)
@@ -915,6 +923,78 @@ impl Store for SqliteStore {
                 .collect(),
             created_at: r.get("created_at"),
         }))
+    }
+
+    async fn set_agent_disabled(
+        &self,
+        id: &str,
+        disabled: bool,
+        audit: &AuditRecord,
+    ) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query("UPDATE agents SET disabled = ? WHERE id = ?")
+            .bind(disabled as i64)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        if n == 1 {
+            insert_audit(&mut tx, audit).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    async fn delete_grant(
+        &self,
+        agent_id: &str,
+        connection_id: &str,
+        audit: &AuditRecord,
+    ) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query("DELETE FROM grants WHERE agent_id = ? AND connection_id = ?")
+            .bind(agent_id)
+            .bind(connection_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        if n == 1 {
+            insert_audit(&mut tx, audit).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    async fn delete_user(&self, user_id: &str, audit: &AuditRecord) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        // Children first (foreign keys), the user last.
+        const STATEMENTS: [&str; 9] = [
+            "DELETE FROM scoped_tokens WHERE account_id IN (SELECT id FROM connected_accounts WHERE user_id = ?)",
+            "DELETE FROM account_connects WHERE user_id = ?",
+            "DELETE FROM connected_accounts WHERE user_id = ?",
+            "DELETE FROM sessions WHERE user_id = ?",
+            "DELETE FROM connect_flows WHERE user_id = ?",
+            "DELETE FROM refresh_tokens WHERE family_id IN (SELECT id FROM token_families WHERE user_id = ?)",
+            "DELETE FROM auth_codes WHERE user_id = ?",
+            "DELETE FROM token_families WHERE user_id = ?",
+            "DELETE FROM users WHERE id = ?",
+        ];
+        let mut deleted = 0;
+        for sql in STATEMENTS {
+            deleted = sqlx::query(sql)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
+        }
+        if deleted == 1 {
+            insert_audit(&mut tx, audit).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(deleted == 1)
     }
 
     async fn commit_release(

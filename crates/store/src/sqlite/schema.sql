@@ -50,9 +50,11 @@ CREATE TABLE connected_accounts (
     access_expires_at    INTEGER,
     refresh_token        BLOB,
     status               TEXT NOT NULL,
+    status_reason        TEXT,
     created_at           INTEGER NOT NULL,
     updated_at           INTEGER NOT NULL,
     last_used_at         INTEGER,
+    last_refreshed_at    INTEGER,
     token_version        INTEGER NOT NULL
 );
 CREATE INDEX connected_accounts_user_connection ON connected_accounts(user_id, connection_id);

@@ -60,9 +60,11 @@ async fn seed(s: &SqliteStore) -> ConnectedAccount {
         access_expires_at: Some(100),
         refresh_token: Some(vec![2]),
         status: AccountStatus::Active,
+        status_reason: None,
         created_at: 1,
         updated_at: 1,
         last_used_at: None,
+        last_refreshed_at: None,
         token_version: 0,
     };
     s.upsert_account(&a, &audit("a")).await.unwrap();
@@ -177,7 +179,14 @@ async fn token_updates_are_fenced_by_version() {
     let a = seed(&s).await;
     let mut newer = a.clone();
     newer.access_token = Some(vec![9]);
+    newer.updated_at = 77;
     assert!(s.update_account_tokens(&newer, 0).await.unwrap());
+    let refreshed = s.account_by_id("cac_1").await.unwrap().unwrap();
+    assert_eq!(
+        (refreshed.updated_at, refreshed.last_refreshed_at),
+        (77, Some(77)),
+        "the new time, not the old"
+    );
     // A writer still holding version 0 loses.
     assert!(!s.update_account_tokens(&newer, 0).await.unwrap());
     assert!(
