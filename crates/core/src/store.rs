@@ -187,6 +187,15 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditRecord,
     ) -> StoreResult<bool>;
     async fn scoped_token(&self, id: &str) -> StoreResult<Option<ScopedToken>>;
+    /// Tokens of active accounts used since `used_since` that expire before `expiring_before`:
+    /// narrowed ones (with their scope set), and the account's own token (`None`) where the
+    /// account has no narrowed tokens (exchanges then use the narrowed ones); at most `limit`.
+    async fn refresh_candidates(
+        &self,
+        expiring_before: i64,
+        used_since: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<(ConnectedAccount, Option<Scopes>)>>;
     /// In one transaction, iff the account's `token_version` still equals `expected_version`:
     /// store the account's new refresh token and version, and upsert the narrowed token.
     async fn store_scoped_token(

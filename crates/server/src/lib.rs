@@ -219,8 +219,19 @@ impl Server {
                 }
             }
         });
+        // The background refresher: tokens of recently used accounts are refreshed ahead of
+        // expiry, so exchanges in steady state never wait on a provider.
+        let vault = self.vault.clone();
+        let refresher = tokio::spawn(async move {
+            loop {
+                let jitter = u64::from(latchkey_crypto::secrets::random_bytes(1)[0]) * 20;
+                tokio::time::sleep(Duration::from_millis(30_000 + jitter)).await;
+                vault.refresh_due(100).await;
+            }
+        });
         let result = http::serve(self.listener, self.tls, self.router, shutdown).await;
         purger.abort();
+        refresher.abort();
         result
     }
 }

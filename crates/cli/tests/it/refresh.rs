@@ -132,3 +132,36 @@ async fn dead_refresh_token_asks_the_user_to_reconnect() {
     ts.connect_demo_account().await;
     ts.post_form(&ts.exchange_params()).await.token();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_refresher_keeps_used_tokens_fresh() {
+    let ts = TestServer::start().await;
+    ts.connect_demo_account().await;
+    ts.post_form(&ts.exchange_params()).await.token();
+    let refreshes = ts.demo.stats().refresh_grants;
+
+    // 200 s later the token has 100 s left: an exchange would not refresh it yet, the
+    // refresher (window 120 s) does, ahead of time.
+    ts.clock.advance(200);
+    let report = ts.vault.refresh_due(100).await;
+    assert_eq!((report.refreshed, report.failed), (1, 0));
+    assert_eq!(ts.demo.stats().refresh_grants, refreshes + 1);
+    // Later, when the old token would have been expired, the exchange does not wait on the
+    // provider: it gets the token the refresher stored.
+    ts.clock.advance(120);
+    let a = ts.post_form(&ts.exchange_params()).await;
+    assert!(a.body["expires_in"].as_i64().unwrap() > 150, "{:?}", a.body);
+    assert_eq!(
+        ts.demo.stats().refresh_grants,
+        refreshes + 1,
+        "no refresh inside the exchange"
+    );
+    assert_eq!(ts.demo_api(a.token(), "user").await.0, 200);
+    // Nothing is due right after: a second pass does nothing.
+    assert_eq!(ts.vault.refresh_due(100).await.refreshed, 0);
+
+    // An account nobody used for a day is left alone.
+    ts.clock.advance(25 * 3600);
+    assert_eq!(ts.vault.refresh_due(100).await, Default::default());
+    assert_eq!(ts.demo.stats().refresh_grants, refreshes + 1);
+}

@@ -409,7 +409,12 @@ impl Vault {
         };
 
         let (access_token, expires_at) = self
-            .fresh_access_token(account.clone(), &connection, &scope)
+            .fresh_access_token(
+                account.clone(),
+                &connection,
+                &scope,
+                self.config.refresh_margin,
+            )
             .await?;
         let now = self.now();
         let expires_in = match expires_at {

@@ -46,6 +46,7 @@ pub use connect::ConnectDone;
 pub use exchange::parse_cidr;
 pub use my_account::Problem;
 pub use oidc::{ACCESS_TOKEN_TYP, AccessToken, Authorize, MFA_ACR, MY_ACCOUNT_SCOPES};
+pub use tokens::RefreshReport;
 pub use users::SignIn;
 
 pub const GRANT_TOKEN_VAULT: &str =
@@ -73,6 +74,10 @@ pub struct VaultConfig {
     pub max_assertion_lifetime: i64,
     /// Refresh upstream tokens this many seconds before they expire.
     pub refresh_margin: i64,
+    /// The background refresher refreshes tokens with fewer seconds left than this…
+    pub proactive_refresh_window: i64,
+    /// …of accounts used within this many seconds.
+    pub refresh_idle_after: i64,
     /// `expires_in` reported for upstream tokens that carry no expiry.
     pub non_expiring_ttl: i64,
     pub connect_flow_ttl: i64,
@@ -93,6 +98,8 @@ impl VaultConfig {
             future_skew: 10,
             max_assertion_lifetime: 300,
             refresh_margin: 30,
+            proactive_refresh_window: 120,
+            refresh_idle_after: 24 * 3600,
             non_expiring_ttl: 3600,
             connect_flow_ttl: 600,
             session_ttl: 8 * 3600,

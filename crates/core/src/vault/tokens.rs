@@ -6,10 +6,9 @@ use super::*;
 const MAX_REFRESH_RETRIES: u32 = 2;
 
 impl Vault {
-    fn is_fresh(&self, a: &ConnectedAccount) -> bool {
-        a.access_token.is_some()
-            && a.access_expires_at
-                .is_none_or(|t| t - self.now() > self.config.refresh_margin)
+    /// The stored access token is good for more than `margin` seconds.
+    fn is_fresh(&self, a: &ConnectedAccount, margin: i64) -> bool {
+        a.access_token.is_some() && a.access_expires_at.is_none_or(|t| t - self.now() > margin)
     }
 
     async fn open_access(
@@ -53,21 +52,24 @@ impl Vault {
     /// `scope` on refresh, the token itself is narrowed (and cached per scope set); otherwise
     /// the narrowing is Latchkey's policy and the answer's `scope`. At most one refresh per
     /// account runs at a time; the others wait, re-read, and reuse its result.
+    /// `margin`: refresh when fewer seconds than this are left (the exchange's small margin,
+    /// or the background refresher's wider window).
     pub(super) async fn fresh_access_token(
         &self,
         account: ConnectedAccount,
         conn: &Connection,
         scope: &Scopes,
+        margin: i64,
     ) -> Result<(SecretString, Option<i64>), OAuthError> {
         if catalog::narrows_upstream(conn) && *scope != account.scopes {
-            return self.fresh_scoped_token(account, conn, scope).await;
+            return self.fresh_scoped_token(account, conn, scope, margin).await;
         }
-        if self.is_fresh(&account) {
+        if self.is_fresh(&account, margin) {
             return self.open_access(&account).await;
         }
         let _guard = self.refresh_locks.lock(&account.id).await;
         let current = self.active_account(&account.id, conn).await?;
-        if self.is_fresh(&current) {
+        if self.is_fresh(&current, margin) {
             return self.open_access(&current).await;
         }
         // Some providers (Microsoft) require `scope` on every refresh: the consent, unnarrowed.
@@ -93,15 +95,13 @@ impl Vault {
         account: ConnectedAccount,
         conn: &Connection,
         scope: &Scopes,
+        margin: i64,
     ) -> Result<(SecretString, Option<i64>), OAuthError> {
         let id = format!("{} {}", account.id, scope.to_string_spaced());
         let cached = || async {
             let t = self.store.scoped_token(&id).await.map_err(store_err)?;
             match t {
-                Some(t)
-                    if t.expires_at
-                        .is_none_or(|e| e - self.now() > self.config.refresh_margin) =>
-                {
+                Some(t) if t.expires_at.is_none_or(|e| e - self.now() > margin) => {
                     let token = self
                         .keys
                         .open_string(scoped_slot(&t.id), &t.access_token)
@@ -319,5 +319,58 @@ impl Vault {
         a.updated_at = now;
         a.token_version += 1;
         a
+    }
+}
+
+/// What one background-refresher pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshReport {
+    pub refreshed: usize,
+    pub failed: usize,
+}
+
+impl Vault {
+    /// The background refresher's pass: refresh, ahead of expiry, the tokens of accounts used
+    /// recently (`proactive_refresh_window`, `refresh_idle_after`), so that exchanges in steady
+    /// state never wait on the provider. It goes through the same single-flight path as the
+    /// exchange, so it never races one. At most `limit` tokens per pass, one at a time.
+    pub async fn refresh_due(&self, limit: usize) -> RefreshReport {
+        let now = self.now();
+        let window = self.config.proactive_refresh_window;
+        let candidates = match self
+            .store
+            .refresh_candidates(
+                now + window,
+                now - self.config.refresh_idle_after,
+                limit as i64,
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing tokens due for refresh failed");
+                return RefreshReport::default();
+            }
+        };
+        let mut report = RefreshReport::default();
+        for (account, scope) in candidates {
+            let conn = match self.store.connection_by_id(&account.connection_id).await {
+                Ok(Some(c)) => c,
+                _ => continue,
+            };
+            let scope = scope.unwrap_or_else(|| account.scopes.clone());
+            match self
+                .fresh_access_token(account, &conn, &scope, window)
+                .await
+            {
+                Ok(_) => report.refreshed += 1,
+                Err(e) => {
+                    tracing::info!(connection = %conn.name, code = e.code, "background refresh did not succeed");
+                    report.failed += 1;
+                }
+            }
+        }
+        metrics::counter!("latchkey_background_refreshes_total").increment(report.refreshed as u64);
+        report
     }
 }

@@ -738,6 +738,47 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn refresh_candidates(
+        &self,
+        expiring_before: i64,
+        used_since: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<(ConnectedAccount, Option<Scopes>)>> {
+        let own = sqlx::query(
+            "SELECT * FROM connected_accounts WHERE status = 'active' AND refresh_token IS NOT NULL \
+             AND last_used_at >= ? AND access_expires_at IS NOT NULL AND access_expires_at < ? \
+             AND NOT EXISTS (SELECT 1 FROM scoped_tokens s WHERE s.account_id = connected_accounts.id) \
+             ORDER BY access_expires_at LIMIT ?",
+        )
+        .bind(used_since)
+        .bind(expiring_before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let narrowed = sqlx::query(
+            "SELECT a.*, s.scopes AS narrowed_scopes FROM scoped_tokens s JOIN connected_accounts a ON a.id = s.account_id \
+             WHERE a.status = 'active' AND a.refresh_token IS NOT NULL AND a.last_used_at >= ? \
+             AND s.expires_at IS NOT NULL AND s.expires_at < ? ORDER BY s.expires_at LIMIT ?",
+        )
+        .bind(used_since)
+        .bind(expiring_before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut out: Vec<(ConnectedAccount, Option<Scopes>)> =
+            own.iter().map(|r| (account_row(r), None)).collect();
+        out.extend(narrowed.iter().map(|r| {
+            (
+                account_row(r),
+                Some(Scopes::parse(r.get::<&str, _>("narrowed_scopes"))),
+            )
+        }));
+        out.truncate(limit.max(0) as usize);
+        Ok(out)
+    }
+
     async fn store_scoped_token(
         &self,
         a: &ConnectedAccount,

@@ -309,3 +309,50 @@ async fn totp_steps_are_used_once_and_sessions_keep_their_authentication() {
     assert_eq!(s.session("h", 10).await.unwrap(), Some(session));
     assert_eq!(s.session("h", 60).await.unwrap(), None, "expired");
 }
+
+#[tokio::test]
+async fn refresh_candidates_are_used_expiring_tokens() {
+    let (_d, s) = store().await;
+    let a = seed(&s).await; // expires at 100, never used
+    assert!(
+        s.refresh_candidates(200, 0, 10).await.unwrap().is_empty(),
+        "never used: not a candidate"
+    );
+    let j = JtiUse {
+        key: "k".into(),
+        expires_at: 10,
+    };
+    s.commit_release(
+        &[j],
+        "cac_1",
+        &AuditRecord {
+            at: 50,
+            ..audit("token.release")
+        },
+    )
+    .await
+    .unwrap();
+    let due = s.refresh_candidates(200, 0, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].0.id.as_str(), due[0].1.clone()), ("cac_1", None));
+    assert!(
+        s.refresh_candidates(90, 0, 10).await.unwrap().is_empty(),
+        "not expiring yet"
+    );
+    assert!(
+        s.refresh_candidates(200, 60, 10).await.unwrap().is_empty(),
+        "idle since before 60"
+    );
+    // With a narrowed token in use, that one is the candidate, not the account's own.
+    let t = ScopedToken {
+        id: "cac_1 a".into(),
+        account_id: "cac_1".into(),
+        scopes: Scopes::parse("a"),
+        access_token: vec![7],
+        expires_at: Some(150),
+    };
+    assert!(s.store_scoped_token(&a, 0, &t).await.unwrap());
+    let due = s.refresh_candidates(200, 0, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].1, Some(Scopes::parse("a")));
+}
