@@ -110,6 +110,27 @@ impl SqliteStore {
         Ok(row.as_ref().map(map))
     }
 
+    /// One statement and its audit entry in one transaction; the entry is written only when
+    /// the statement changed a row. Returns whether it did.
+    async fn audited(
+        &self,
+        statement: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+        audit: &AuditRecord,
+    ) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let changed = statement
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected()
+            > 0;
+        if changed {
+            insert_audit(&mut tx, audit).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(changed)
+    }
+
     async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         self.pool
             .begin_with("BEGIN IMMEDIATE")
@@ -476,19 +497,19 @@ impl Store for SqliteStore {
         hash: &str,
         audit: &AuditRecord,
     ) -> StoreResult<()> {
-        let mut tx = self.write().await?;
-        let n = sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
-            .bind(hash)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        if n == 0 {
-            return Err(StoreError::NotFound);
+        if self
+            .audited(
+                sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
+                    .bind(hash)
+                    .bind(user_id),
+                audit,
+            )
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound)
         }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(unavailable)
     }
 
     async fn set_totp(
@@ -498,22 +519,16 @@ impl Store for SqliteStore {
         enabled: bool,
         audit: &AuditRecord,
     ) -> StoreResult<()> {
-        let mut tx = self.write().await?;
-        let n = sqlx::query(
+        if self.audited(sqlx::query(
             "UPDATE users SET totp_seed = ?, totp_enabled = ?, totp_last_step = NULL WHERE id = ?",
         )
         .bind(seed)
         .bind(enabled as i64)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?
-        .rows_affected();
-        if n == 0 {
-            return Err(StoreError::NotFound);
+        .bind(user_id), audit).await? {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound)
         }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(unavailable)
     }
 
     async fn consume_totp_step(&self, user_id: &str, step: i64) -> StoreResult<bool> {
@@ -705,24 +720,15 @@ impl Store for SqliteStore {
         expected_version: i64,
         audit: &AuditRecord,
     ) -> StoreResult<bool> {
-        let mut tx = self.write().await?;
-        let n = sqlx::query(
+        self.audited(sqlx::query(
             "UPDATE connected_accounts SET status = ?, status_reason = ?, token_version = token_version + 1 \
              WHERE id = ? AND token_version = ?",
         )
         .bind(status.as_str())
         .bind(&audit.reason)
         .bind(id)
-        .bind(expected_version)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?
-        .rows_affected();
-        if n == 1 {
-            insert_audit(&mut tx, audit).await?;
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(n == 1)
+        .bind(expected_version), audit)
+            .await
     }
 
     async fn scoped_token(&self, id: &str) -> StoreResult<Option<ScopedToken>> {
@@ -972,19 +978,13 @@ impl Store for SqliteStore {
         disabled: bool,
         audit: &AuditRecord,
     ) -> StoreResult<bool> {
-        let mut tx = self.write().await?;
-        let n = sqlx::query("UPDATE agents SET disabled = ? WHERE id = ?")
-            .bind(disabled as i64)
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        if n == 1 {
-            insert_audit(&mut tx, audit).await?;
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(n == 1)
+        self.audited(
+            sqlx::query("UPDATE agents SET disabled = ? WHERE id = ?")
+                .bind(disabled as i64)
+                .bind(id),
+            audit,
+        )
+        .await
     }
 
     async fn delete_grant(
@@ -993,19 +993,13 @@ impl Store for SqliteStore {
         connection_id: &str,
         audit: &AuditRecord,
     ) -> StoreResult<bool> {
-        let mut tx = self.write().await?;
-        let n = sqlx::query("DELETE FROM grants WHERE agent_id = ? AND connection_id = ?")
-            .bind(agent_id)
-            .bind(connection_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        if n == 1 {
-            insert_audit(&mut tx, audit).await?;
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(n == 1)
+        self.audited(
+            sqlx::query("DELETE FROM grants WHERE agent_id = ? AND connection_id = ?")
+                .bind(agent_id)
+                .bind(connection_id),
+            audit,
+        )
+        .await
     }
 
     async fn delete_user(&self, user_id: &str, audit: &AuditRecord) -> StoreResult<bool> {
@@ -1330,17 +1324,13 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_token_family(&self, id: &str, audit: &AuditRecord) -> StoreResult<()> {
-        let mut tx = self.write().await?;
-        let n = sqlx::query("UPDATE token_families SET revoked = 1 WHERE id = ? AND revoked = 0")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        if n == 1 {
-            insert_audit(&mut tx, audit).await?;
-        }
-        tx.commit().await.map_err(unavailable)
+        self.audited(
+            sqlx::query("UPDATE token_families SET revoked = 1 WHERE id = ? AND revoked = 0")
+                .bind(id),
+            audit,
+        )
+        .await?;
+        Ok(())
     }
 
     async fn insert_account_connect(&self, c: &AccountConnect) -> StoreResult<()> {
