@@ -83,6 +83,13 @@ enum Command {
     /// Manage encryption keys.
     #[command(subcommand, after_help = "Example:\n  latchkey key rotate")]
     Key(KeyCmd),
+    /// Manage bearer tokens for the admin API (`/api/v1`).
+    #[command(
+        subcommand,
+        name = "api-token",
+        after_help = "Example:\n  TOKEN=$(latchkey api-token create ci)\n  curl -H \"Authorization: Bearer $TOKEN\" https://127.0.0.1:8750/api/v1/accounts"
+    )]
+    ApiToken(ApiTokenCmd),
     /// Agent side: sign a privileged-worker request with a key file and print the upstream token.
     #[command(
         after_help = "Example:\n  TOKEN=$(latchkey token --issuer https://127.0.0.1:8750/ --ca-cert latchkey-data/tls/ca.pem \\\n      --client-id agt_… --key latchkey-data/demo-agent.key --user usr_… --connection demo-git)"
@@ -194,6 +201,10 @@ enum ConnectionCmd {
         /// provider's default scopes; its offline-access scopes are always added.
         #[arg(long, default_value = "")]
         scopes: String,
+        /// Refresh idle accounts at least every this many days, for providers that revoke
+        /// refresh tokens left unused (default from the catalog: Google and Microsoft 30).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        keep_alive_days: Option<u32>,
     },
     /// List the providers Latchkey knows: endpoints, default scopes and quirks come from its
     /// catalog, so `connection add --provider NAME` needs only client credentials.
@@ -337,6 +348,20 @@ enum KeyCmd {
         #[arg(long)]
         signing: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ApiTokenCmd {
+    /// Create a token and print it (once: only its HMAC is stored).
+    Create { name: String },
+    /// List tokens: name, created, last used, revoked.
+    List {
+        /// Print JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by name: the next request with it is refused.
+    Revoke { name: String },
 }
 
 fn load_config(global: &Global, serve: Option<&ServeArgs>) -> Result<Config> {
@@ -610,6 +635,7 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
             client_id,
             client_secret_file,
             scopes,
+            keep_alive_days,
         }) => {
             if issuer.is_some() != (provider == catalog::OIDC) {
                 bail!("--issuer goes with --provider oidc, and --provider oidc needs --issuer");
@@ -641,6 +667,7 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                     api_base_url,
                     issuer: None,
                     scopes: Scopes::parse(&scopes),
+                    keep_alive_secs: keep_alive_days.map(|d| i64::from(d) * 86_400),
                 };
                 if let Some(issuer) = issuer {
                     if !new.authorize_url.is_empty()
@@ -878,6 +905,43 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                 "data key v{} is active; {} stored secrets re-encrypted",
                 report.new_version, report.resealed
             );
+        }
+        Command::ApiToken(ApiTokenCmd::Create { name }) => {
+            let (_, secret) = vault.add_operator_token(&name, &actor).await?;
+            println!("{}", secrecy::ExposeSecret::expose_secret(&secret));
+        }
+        Command::ApiToken(ApiTokenCmd::List { json }) => {
+            let tokens = vault.store().list_operator_tokens().await?;
+            if json {
+                print_json(&serde_json::json!(
+                    tokens
+                        .iter()
+                        .map(|t| serde_json::json!({
+                            "id": t.id, "name": t.name, "created_at": t.created_at,
+                            "last_used_at": t.last_used_at, "revoked_at": t.revoked_at,
+                        }))
+                        .collect::<Vec<_>>()
+                ));
+            } else {
+                for t in tokens {
+                    let state = if t.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    println!(
+                        "{}\t{}\t{state}\tcreated {}\tlast used {}",
+                        t.id,
+                        t.name,
+                        t.created_at,
+                        t.last_used_at.map_or("never".into(), |t| t.to_string())
+                    );
+                }
+            }
+        }
+        Command::ApiToken(ApiTokenCmd::Revoke { name }) => {
+            vault.revoke_operator_token(&name, &actor).await?;
+            println!("api token {name} revoked");
         }
         Command::Serve(_)
         | Command::Demo(_)

@@ -78,6 +78,10 @@ pub struct Provider {
     /// Whether PKCE is documented. Latchkey sends a challenge either way: RFC 6749 servers
     /// ignore parameters they do not know.
     pub pkce: bool,
+    /// Refresh idle accounts this often (days) because the provider revokes refresh tokens left
+    /// unused (Google after six months, Microsoft after 90 days of inactivity).
+    #[serde(default)]
+    pub keep_alive_days: Option<u32>,
     /// The RFC 9207 `iss` value in authorization responses, where the provider documents one.
     pub iss: Option<String>,
     pub client_auth: ClientAuth,
@@ -299,6 +303,9 @@ pub fn complete(new: &mut NewConnection) -> Result<(), String> {
             .take()
             .or_else(|| Some(p.userinfo.url.clone()));
         new.api_base_url = new.api_base_url.take().or_else(|| p.api_base_url.clone());
+        new.keep_alive_secs = new
+            .keep_alive_secs
+            .or(p.keep_alive_days.map(|d| i64::from(d) * 86_400));
         if new.scopes.is_empty() {
             new.scopes = p.default_scopes.iter().collect();
         }
@@ -426,6 +433,7 @@ mod tests {
             api_base_url: None,
             issuer: None,
             scopes: Scopes::default(),
+            keep_alive_secs: None,
         }
     }
 
@@ -443,6 +451,7 @@ mod tests {
             api_base_url: new.api_base_url,
             issuer: None,
             scopes: new.scopes,
+            keep_alive_secs: new.keep_alive_secs,
             created_at: 0,
         }
     }

@@ -48,6 +48,9 @@ pub struct Connection {
     pub issuer: Option<String>,
     /// Scopes requested when a user connects.
     pub scopes: Scopes,
+    /// Refresh idle accounts at least this often (seconds), for providers that revoke refresh
+    /// tokens left unused.
+    pub keep_alive_secs: Option<i64>,
     pub created_at: i64,
 }
 
@@ -99,6 +102,9 @@ pub struct ConnectedAccount {
     pub last_refreshed_at: Option<i64>,
     /// Bumped on every token change; a conditional update on it fences concurrent writers.
     pub token_version: i64,
+    /// Set just before an upstream refresh, cleared when its outcome is committed: still set
+    /// after a restart, it means the provider's answer may have been lost.
+    pub refresh_started_at: Option<i64>,
 }
 
 /// An upstream access token narrowed to a scope set, cached per (account, scopes).
@@ -205,6 +211,34 @@ pub struct AuditRecord {
     pub audit_context: Option<String>,
     pub request_id: Option<String>,
     pub client_ip: Option<String>,
+    /// A webhook to deliver, enqueued in the same transaction as the entry.
+    pub notify: Option<Notification>,
+}
+
+/// A webhook event: its type and JSON body (never a secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    pub event: String,
+    pub body: String,
+}
+
+/// A webhook delivery waiting in the outbox.
+#[derive(Clone, Debug)]
+pub struct OutboxItem {
+    pub id: String,
+    pub event: String,
+    pub body: String,
+    pub attempts: i64,
+}
+
+/// A bearer token for the admin API (its secret stored only as an HMAC).
+#[derive(Clone, Debug)]
+pub struct OperatorToken {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
 }
 
 /// A stored audit entry.

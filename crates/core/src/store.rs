@@ -76,6 +76,41 @@ pub struct RefreshTokenRecord {
     pub family: TokenFamily,
 }
 
+/// What the background refresher looks for (all times in Unix seconds).
+#[derive(Clone, Debug)]
+pub struct RefreshQuery {
+    pub now: i64,
+    /// Tokens expiring before this are due …
+    pub expiring_before: i64,
+    /// … if the account was used since this.
+    pub used_since: i64,
+    /// Refreshes started before this and never committed were interrupted.
+    pub interrupted_before: i64,
+    pub claim_until: i64,
+    pub limit: i64,
+}
+
+/// Why an account is due for a background refresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefreshWhy {
+    /// Used recently and its token (the account's own, or a narrowed one) expires soon.
+    Expiring,
+    /// Idle longer than its connection's keep-alive interval: refresh so the provider does
+    /// not revoke the refresh token for disuse.
+    KeepAlive,
+    /// A refresh started and its outcome was never committed (a crash, or an answer lost).
+    Interrupted,
+}
+
+/// An account claimed for a background refresh.
+#[derive(Clone, Debug)]
+pub struct RefreshWork {
+    pub account: ConnectedAccount,
+    /// For [`RefreshWhy::Expiring`]: the narrowed token's scope set, `None` for the own token.
+    pub scope: Option<Scopes>,
+    pub why: RefreshWhy,
+}
+
 /// A pending connect request (authorization code + PKCE towards the provider).
 #[derive(Clone, Debug)]
 pub struct ConnectFlow {
@@ -187,15 +222,18 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditRecord,
     ) -> StoreResult<bool>;
     async fn scoped_token(&self, id: &str) -> StoreResult<Option<ScopedToken>>;
-    /// Tokens of active accounts used since `used_since` that expire before `expiring_before`:
-    /// narrowed ones (with their scope set), and the account's own token (`None`) where the
-    /// account has no narrowed tokens (exchanges then use the narrowed ones); at most `limit`.
-    async fn refresh_candidates(
+    /// Claim for the background refresher, until `q.claim_until`, at most `q.limit` accounts
+    /// that no other pass has claimed (so that several nodes never work on the same account):
+    /// see [`RefreshWhy`] for what is due. One entry per account.
+    async fn claim_refresh_work(&self, q: &RefreshQuery) -> StoreResult<Vec<RefreshWork>>;
+    /// Record that a refresh of the account's current token starts now (iff its
+    /// `token_version` is still `expected_version`); the commit of the outcome clears it.
+    async fn mark_refresh_started(
         &self,
-        expiring_before: i64,
-        used_since: i64,
-        limit: i64,
-    ) -> StoreResult<Vec<(ConnectedAccount, Option<Scopes>)>>;
+        id: &str,
+        expected_version: i64,
+        at: i64,
+    ) -> StoreResult<bool>;
     /// In one transaction, iff the account's `token_version` still equals `expected_version`:
     /// store the account's new refresh token and version, and upsert the narrowed token.
     async fn store_scoped_token(
@@ -220,6 +258,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_agents(&self) -> StoreResult<Vec<Agent>>;
     async fn upsert_grant(&self, grant: &Grant, audit: &AuditRecord) -> StoreResult<()>;
     async fn grant_for(&self, agent_id: &str, connection_id: &str) -> StoreResult<Option<Grant>>;
+    /// Every grant, ordered by agent and connection (admin API listing).
+    async fn list_grants(&self) -> StoreResult<Vec<Grant>>;
     /// Disable (or re-enable) a client. Returns false if it does not exist.
     async fn set_agent_disabled(
         &self,
@@ -315,6 +355,38 @@ pub trait Store: Send + Sync + 'static {
     // Audit.
     async fn append_audit(&self, audit: &AuditRecord) -> StoreResult<()>;
     async fn list_audit(&self, limit: i64) -> StoreResult<Vec<AuditEntry>>;
+
+    // Webhook outbox (entries are enqueued by an audit record's `notify`).
+    /// Deliveries due at `now` (neither delivered nor given up), oldest first, at most
+    /// `limit`, each claimed until `claim_until` so that no other sender takes it meanwhile.
+    async fn claim_webhooks(
+        &self,
+        now: i64,
+        claim_until: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<OutboxItem>>;
+    async fn webhook_delivered(&self, id: &str, at: i64) -> StoreResult<()>;
+    /// A failed attempt: try again at `retry_at`, or give up when `None`.
+    async fn webhook_failed(
+        &self,
+        id: &str,
+        at: i64,
+        retry_at: Option<i64>,
+        error: &str,
+    ) -> StoreResult<()>;
+
+    // Operator tokens (admin API).
+    async fn insert_operator_token(
+        &self,
+        token: &OperatorToken,
+        secret_hash: &str,
+        audit: &AuditRecord,
+    ) -> StoreResult<()>;
+    /// The token with this secret hash, if not revoked; records its use at `now`.
+    async fn use_operator_token(&self, hash: &str, now: i64) -> StoreResult<Option<OperatorToken>>;
+    async fn list_operator_tokens(&self) -> StoreResult<Vec<OperatorToken>>;
+    /// Revoke by name; false if there is no such unrevoked token.
+    async fn revoke_operator_token(&self, name: &str, audit: &AuditRecord) -> StoreResult<bool>;
 
     /// Cheap liveness check of the database.
     async fn ping(&self) -> StoreResult<()>;

@@ -141,4 +141,13 @@ pub trait Upstream: Send + Sync + 'static {
 
     /// GET a public JSON document without credentials (OpenID discovery at `connection add`).
     async fn get_json(&self, url: &str) -> Result<serde_json::Value, UpstreamError>;
+
+    /// POST a JSON webhook body with these headers; `Err` (a message for the operator) unless
+    /// the receiver answered 2xx.
+    async fn post_webhook(
+        &self,
+        url: &str,
+        headers: &[(&'static str, String)],
+        body: &str,
+    ) -> Result<(), String>;
 }

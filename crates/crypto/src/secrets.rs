@@ -46,6 +46,16 @@ pub fn hmac_b64(key: &[u8], data: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(hmac::sign(&key, data).as_ref())
 }
 
+/// HMAC-SHA-256 of `data` under `key`, lower-case hex (webhook signatures).
+pub fn hmac_hex(key: &[u8], data: &[u8]) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, key);
+    hmac::sign(&key, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Constant-time equality for secrets, hashes and MACs.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     #[allow(deprecated)]

@@ -37,6 +37,11 @@ pub struct Config {
     pub demo_access_token_ttl: i64,
     /// Token requests one agent may make per minute on this node; 0 means unlimited.
     pub agent_requests_per_minute: u32,
+    /// Where signed webhooks (account health) are POSTed; https, or http on a loopback host.
+    pub webhook_url: Option<String>,
+    /// The HMAC-SHA256 key that signs webhooks (at least 32 characters). Prefer
+    /// `LATCHKEY_WEBHOOK_SECRET_FILE`.
+    pub webhook_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -54,6 +59,8 @@ impl Default for Config {
             upstream_timeout_secs: 10,
             demo_access_token_ttl: 300,
             agent_requests_per_minute: 0,
+            webhook_url: None,
+            webhook_secret: None,
         }
     }
 }
@@ -72,10 +79,28 @@ impl Config {
         }
         Figment::new()
             .merge(Serialized::defaults(Config::default()))
-            .merge(FileAdapter::wrap(Toml::file(&path)).only(&["kek"]))
-            .merge(FileAdapter::wrap(Env::prefixed("LATCHKEY_")).only(&["kek"]))
+            .merge(FileAdapter::wrap(Toml::file(&path)).only(&["kek", "webhook_secret"]))
+            .merge(FileAdapter::wrap(Env::prefixed("LATCHKEY_")).only(&["kek", "webhook_secret"]))
             .extract()
             .map_err(Box::new)
+    }
+
+    /// The webhook destination and key, checked: both or neither.
+    pub fn webhook(&self) -> Result<Option<(String, String)>, String> {
+        match (&self.webhook_url, &self.webhook_secret) {
+            (None, None) => Ok(None),
+            (Some(url), Some(secret)) => {
+                latchkey_core::catalog::check_url("webhook_url", url)?;
+                if secret.trim().len() < 32 {
+                    return Err("webhook_secret must be at least 32 characters".into());
+                }
+                Ok(Some((url.clone(), secret.trim().to_owned())))
+            }
+            (Some(_), None) => {
+                Err("webhook_url needs webhook_secret (or LATCHKEY_WEBHOOK_SECRET_FILE)".into())
+            }
+            (None, Some(_)) => Err("webhook_secret is set but webhook_url is not".into()),
+        }
     }
 
     /// The SQLite file, when the database is SQLite.
@@ -112,6 +137,14 @@ mod tests {
             assert_eq!(c.listen, "127.0.0.1:9000");
             assert_eq!(c.log, "warn", "environment beats the file");
             assert_eq!(c.kek.as_deref(), Some("c2VjcmV0"));
+            jail.create_file("hook.secret", &"s".repeat(40))?;
+            jail.set_env("LATCHKEY_WEBHOOK_URL", "https://hooks.example/latchkey");
+            jail.set_env("LATCHKEY_WEBHOOK_SECRET_FILE", "hook.secret");
+            let c = Config::load(None).map_err(|e| *e)?;
+            assert_eq!(
+                c.webhook().unwrap(),
+                Some(("https://hooks.example/latchkey".into(), "s".repeat(40)))
+            );
             jail.create_file("bad.toml", "lsiten = \"x\"")?;
             assert!(
                 Config::load(Some(Path::new("bad.toml"))).is_err(),
@@ -119,5 +152,39 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn webhook_settings_are_checked() {
+        let with = |url: Option<&str>, secret: Option<&str>| Config {
+            webhook_url: url.map(Into::into),
+            webhook_secret: secret.map(Into::into),
+            ..Config::default()
+        };
+        let long = "k".repeat(32);
+        assert_eq!(with(None, None).webhook(), Ok(None));
+        assert!(
+            with(Some("http://127.0.0.1:9/h"), Some(&long))
+                .webhook()
+                .is_ok()
+        );
+        for (url, secret, why) in [
+            (Some("http://hooks.example/h"), Some(long.as_str()), "https"),
+            (
+                Some("https://hooks.example/h"),
+                Some("short"),
+                "32 characters",
+            ),
+            (
+                Some("https://hooks.example/h"),
+                None,
+                "needs webhook_secret",
+            ),
+            (None, Some(long.as_str()), "webhook_url is not"),
+            (Some("not a url"), Some(long.as_str()), "not a URL"),
+        ] {
+            let err = with(url, secret).webhook().unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
     }
 }

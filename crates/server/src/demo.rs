@@ -55,6 +55,7 @@ pub async fn demo_connection(vault: &Vault, name: &str) -> Result<NewConnection>
         api_base_url: None,
         issuer: None,
         scopes: catalog::demo_paths::SCOPES.iter().copied().collect(),
+        keep_alive_secs: None,
     })
 }
 

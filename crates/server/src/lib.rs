@@ -84,6 +84,13 @@ pub async fn open_vault(
     let (kek, reload) = kek::load(config, &db_path)?;
     let mut vault_config = VaultConfig::new(issuer);
     vault_config.agent_requests_per_minute = config.agent_requests_per_minute;
+    vault_config.webhook = config
+        .webhook()
+        .map_err(anyhow::Error::msg)?
+        .map(|(url, secret)| latchkey_core::vault::WebhookConfig {
+            url,
+            secret: secret.into(),
+        });
     let store = SqliteStore::open(&db_path)
         .await
         .with_context(|| format!("opening {}", db_path.display()))?;
@@ -221,17 +228,33 @@ impl Server {
         });
         // The background refresher: tokens of recently used accounts are refreshed ahead of
         // expiry, so exchanges in steady state never wait on a provider.
+        // It starts by resolving refreshes a crash interrupted (all marks left are stale when
+        // this process starts); later passes leave a refresh running elsewhere its deadline.
         let vault = self.vault.clone();
         let refresher = tokio::spawn(async move {
+            let report = vault.refresh_due(100, vault.now()).await;
+            if report != Default::default() {
+                tracing::info!(?report, "start-up refresh pass");
+            }
             loop {
                 let jitter = u64::from(latchkey_crypto::secrets::random_bytes(1)[0]) * 20;
                 tokio::time::sleep(Duration::from_millis(30_000 + jitter)).await;
-                vault.refresh_due(100).await;
+                vault.refresh_due(100, vault.now() - 300).await;
+            }
+        });
+        // Webhook deliveries: every few seconds, what is due in the outbox.
+        let vault = self.vault.clone();
+        let webhooks = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                vault.deliver_webhooks(50).await;
             }
         });
         let result = http::serve(self.listener, self.tls, self.router, shutdown).await;
         purger.abort();
         refresher.abort();
+        webhooks.abort();
         result
     }
 }

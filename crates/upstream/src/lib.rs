@@ -369,6 +369,34 @@ impl Upstream for HttpUpstream {
         serde_json::from_slice(&bytes)
             .map_err(|_| UpstreamError::Protocol(format!("{url} did not answer JSON")))
     }
+
+    async fn post_webhook(
+        &self,
+        url: &str,
+        headers: &[(&'static str, String)],
+        body: &str,
+    ) -> Result<(), String> {
+        let mut req = self
+            .client
+            .post(url)
+            .header("Content-Type", "application/json")
+            .body(body.to_owned());
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        let resp = req.send().await.map_err(|e| match e.is_timeout() {
+            true => "the receiver did not answer in time".to_owned(),
+            false => "the receiver could not be reached".to_owned(),
+        })?;
+        let status = resp.status();
+        // Drain (capped) so the connection can be reused; the answer itself does not matter.
+        let _ = read_capped(resp).await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("the receiver answered {status}"))
+        }
+    }
 }
 
 #[cfg(test)]

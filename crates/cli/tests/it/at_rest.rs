@@ -49,6 +49,7 @@ async fn no_plaintext_secret_in_the_database_files() {
                 api_base_url: None,
                 issuer: None,
                 scopes: Default::default(),
+                keep_alive_secs: None,
             },
             &Actor::cli(),
         )

@@ -351,6 +351,46 @@ impl TestServer {
             .count()
     }
 
+    /// The account's upstream refresh token, opened from storage (tests act behind the vault).
+    pub async fn stored_refresh_token(&self, account: &str) -> String {
+        let stored = self
+            .vault
+            .store()
+            .account_by_id(account)
+            .await
+            .unwrap()
+            .unwrap();
+        let token = self
+            .vault
+            .keys
+            .open_string(
+                latchkey_core::vault::account_slot(account, "refresh_token"),
+                stored.refresh_token.as_deref().unwrap(),
+            )
+            .await
+            .unwrap();
+        secrecy::ExposeSecret::expose_secret(&token).to_owned()
+    }
+
+    /// POST to one of the demo provider's endpoints as Latchkey's client would: the status and
+    /// the JSON body (`Null` when empty).
+    pub async fn demo_client_post(&self, path: &str, form: &[(&str, &str)]) -> (StatusCode, Value) {
+        let secret = latchkey_server::demo::demo_client_secret(&self.vault)
+            .await
+            .unwrap();
+        let resp = self
+            .http
+            .post(self.url(path))
+            .basic_auth(latchkey_server::demo::DEMO_CLIENT_ID, Some(secret))
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
     pub async fn sql_pool(&self) -> sqlx::SqlitePool {
         sqlx::SqlitePool::connect(&format!("sqlite://{}", self.db_path().display()))
             .await

@@ -47,6 +47,7 @@ async fn with_mock(ts: TestServer) -> (Arc<TestServer>, MockUpstream) {
                 api_base_url: None,
                 issuer: None,
                 scopes: Scopes::parse("read"),
+                keep_alive_secs: None,
             },
             &Actor::cli(),
         )

@@ -3,11 +3,13 @@
 
 mod harness;
 
+mod admin_api;
 mod at_rest;
 mod audit;
 mod bad_input;
 mod catalog;
 mod connected_accounts;
+mod health;
 mod interop;
 mod interop_node;
 mod interop_server_python;

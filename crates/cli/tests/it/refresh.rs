@@ -64,41 +64,14 @@ async fn dead_refresh_token_asks_the_user_to_reconnect() {
     let ts = TestServer::start().await;
     let account = ts.connect_demo_account().await;
     // Kill the token family at the provider behind the vault's back.
-    let stored = ts
-        .vault
-        .store()
-        .account_by_id(&account)
-        .await
-        .unwrap()
-        .unwrap();
-    let refresh = ts
-        .vault
-        .keys
-        .open_string(
-            latchkey_core::vault::account_slot(&account, "refresh_token"),
-            stored.refresh_token.as_deref().unwrap(),
+    let refresh = ts.stored_refresh_token(&account).await;
+    let revoked = ts
+        .demo_client_post(
+            "/demo/oauth/revoke",
+            &[("token", &refresh), ("token_type_hint", "refresh_token")],
         )
-        .await
-        .unwrap();
-    let resp = ts
-        .http
-        .post(ts.url("/demo/oauth/revoke"))
-        .basic_auth(
-            latchkey_server::demo::DEMO_CLIENT_ID,
-            Some(
-                latchkey_server::demo::demo_client_secret(&ts.vault)
-                    .await
-                    .unwrap(),
-            ),
-        )
-        .form(&[
-            ("token", secrecy::ExposeSecret::expose_secret(&refresh)),
-            ("token_type_hint", "refresh_token"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+        .await;
+    assert_eq!(revoked.0, 200);
     ts.clock.advance(301);
     let a = ts.post_form(&ts.exchange_params()).await;
     a.assert_error(401, "federated_connection_refresh_token_not_found");
@@ -143,7 +116,7 @@ async fn background_refresher_keeps_used_tokens_fresh() {
     // 200 s later the token has 100 s left: an exchange would not refresh it yet, the
     // refresher (window 120 s) does, ahead of time.
     ts.clock.advance(200);
-    let report = ts.vault.refresh_due(100).await;
+    let report = ts.vault.refresh_due(100, 0).await;
     assert_eq!((report.refreshed, report.failed), (1, 0));
     assert_eq!(ts.demo.stats().refresh_grants, refreshes + 1);
     // Later, when the old token would have been expired, the exchange does not wait on the
@@ -158,10 +131,10 @@ async fn background_refresher_keeps_used_tokens_fresh() {
     );
     assert_eq!(ts.demo_api(a.token(), "user").await.0, 200);
     // Nothing is due right after: a second pass does nothing.
-    assert_eq!(ts.vault.refresh_due(100).await.refreshed, 0);
+    assert_eq!(ts.vault.refresh_due(100, 0).await.refreshed, 0);
 
     // An account nobody used for a day is left alone.
     ts.clock.advance(25 * 3600);
-    assert_eq!(ts.vault.refresh_due(100).await, Default::default());
+    assert_eq!(ts.vault.refresh_due(100, 0).await, Default::default());
     assert_eq!(ts.demo.stats().refresh_grants, refreshes + 1);
 }

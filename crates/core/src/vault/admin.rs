@@ -39,6 +39,7 @@ impl Vault {
             api_base_url: new.api_base_url,
             issuer: new.issuer,
             scopes: new.scopes,
+            keep_alive_secs: new.keep_alive_secs,
             created_at: self.now(),
         };
         let audit = AuditRecord {
@@ -307,11 +308,69 @@ impl Vault {
         Ok(revoked_upstream)
     }
 
+    /// Create a bearer token for the admin API. The secret is returned once and stored only as
+    /// an HMAC under the server's pepper.
+    pub async fn add_operator_token(
+        &self,
+        name: &str,
+        actor: &Actor,
+    ) -> Result<(OperatorToken, SecretString), AdminError> {
+        validate_name("token name", name)?;
+        let secret = format!("{OPERATOR_TOKEN_PREFIX}{}", secrets::random_token(32));
+        let token = OperatorToken {
+            id: secrets::random_id("opt"),
+            name: name.to_owned(),
+            created_at: self.now(),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let audit = AuditRecord {
+            reason: Some(format!("operator token {name}")),
+            ..self.audit(actor, "operator_token.create")
+        };
+        self.store
+            .insert_operator_token(&token, &self.secret_hash(&secret), &audit)
+            .await?;
+        Ok((token, SecretString::from(secret)))
+    }
+
+    /// The unrevoked operator token this bearer secret belongs to.
+    pub async fn authenticate_operator(
+        &self,
+        secret: &str,
+    ) -> Result<Option<OperatorToken>, OAuthError> {
+        if !secret.starts_with(OPERATOR_TOKEN_PREFIX) {
+            return Ok(None);
+        }
+        self.store
+            .use_operator_token(&self.secret_hash(secret), self.now())
+            .await
+            .map_err(store_err)
+    }
+
+    /// Revoke an operator token by name: the next request with it is refused.
+    pub async fn revoke_operator_token(&self, name: &str, actor: &Actor) -> Result<(), AdminError> {
+        let audit = AuditRecord {
+            reason: Some(format!("operator token {name}")),
+            ..self.audit(actor, "operator_token.revoke")
+        };
+        if self.store.revoke_operator_token(name, &audit).await? {
+            Ok(())
+        } else {
+            Err(AdminError::NotFound(format!(
+                "no active operator token named {name}"
+            )))
+        }
+    }
+
     /// Rotate the data key and re-seal every stored secret (online).
     pub async fn rotate_data_key(&self) -> Result<crate::keys::RotationReport, KeyError> {
         self.keys.rotate_data_key(self.now()).await
     }
 }
+
+/// Operator tokens start with this, so a leaked one is recognisable (secret scanners).
+pub const OPERATOR_TOKEN_PREFIX: &str = "lk_op_";
 
 /// What `revoke_account` achieved beyond the local revocation.
 #[derive(Debug, Clone, Copy)]

@@ -195,6 +195,9 @@ impl Vault {
             .map_err(store_err)?
             .into_iter()
             .find(|a| a.upstream_account_id == upstream_account_id);
+        let recovered = existing
+            .as_ref()
+            .is_some_and(|a| a.status == AccountStatus::NeedsReauth);
         let base = existing.unwrap_or_else(|| ConnectedAccount {
             id: secrets::random_id("cac"),
             user_id: user_id.to_owned(),
@@ -211,6 +214,7 @@ impl Vault {
             last_used_at: None,
             last_refreshed_at: None,
             token_version: 0,
+            refresh_started_at: None,
         });
         let mut account = self.apply_tokens(base, tokens, Some(&flow.scopes));
         account.status = AccountStatus::Active;
@@ -219,6 +223,9 @@ impl Vault {
             connection: Some(conn.name.clone()),
             account_id: Some(account.id.clone()),
             scopes: Some(account.scopes.to_string_spaced()),
+            notify: recovered
+                .then(|| self.account_event("account.recovered", &account, &conn, None))
+                .flatten(),
             ..self.audit(&Actor::user(user_id), "account.connect")
         };
         let id = self

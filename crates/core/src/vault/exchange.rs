@@ -444,6 +444,7 @@ impl Vault {
             audit_context: subject.audit_context,
             request_id: ctx.request_id.clone(),
             client_ip: ctx.client_ip.map(|ip| ip.to_string()),
+            notify: None,
         };
         match self.store.commit_release(&jtis, &account.id, &audit).await {
             Ok(()) => {}

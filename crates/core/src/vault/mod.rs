@@ -29,7 +29,8 @@ use crate::params::Params;
 use crate::refresh::RefreshLocks;
 use crate::scope::Scopes;
 use crate::store::{
-    AccountConnect, CodeRedemption, ConnectFlow, JtiUse, ReleaseError, Store, StoreError,
+    AccountConnect, CodeRedemption, ConnectFlow, JtiUse, RefreshQuery, RefreshWhy, RefreshWork,
+    ReleaseError, Store, StoreError,
 };
 use crate::upstream::{Endpoints, Upstream, UpstreamError, UpstreamTokens};
 
@@ -40,14 +41,16 @@ mod my_account;
 mod oidc;
 mod tokens;
 mod users;
+mod webhooks;
 
-pub use admin::{AdminError, NewClient, RevokeOutcome};
+pub use admin::{AdminError, NewClient, OPERATOR_TOKEN_PREFIX, RevokeOutcome};
 pub use connect::ConnectDone;
 pub use exchange::parse_cidr;
 pub use my_account::Problem;
 pub use oidc::{ACCESS_TOKEN_TYP, AccessToken, Authorize, MFA_ACR, MY_ACCOUNT_SCOPES};
 pub use tokens::RefreshReport;
 pub use users::SignIn;
+pub use webhooks::{DeliveryReport, WebhookConfig, webhook_signature};
 
 pub const GRANT_TOKEN_VAULT: &str =
     "urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token";
@@ -84,6 +87,8 @@ pub struct VaultConfig {
     pub session_ttl: i64,
     /// Token requests one agent may make per minute on this node (0: unlimited).
     pub agent_requests_per_minute: u32,
+    /// Signed webhooks for account health (and later approvals and audit), if configured.
+    pub webhook: Option<WebhookConfig>,
 }
 
 impl VaultConfig {
@@ -104,6 +109,7 @@ impl VaultConfig {
             connect_flow_ttl: 600,
             session_ttl: 8 * 3600,
             agent_requests_per_minute: 0,
+            webhook: None,
         }
     }
 
@@ -161,6 +167,8 @@ pub struct NewConnection {
     /// The provider's issuer, where known (OIDC discovery), for the RFC 9207 `iss` check.
     pub issuer: Option<String>,
     pub scopes: Scopes,
+    /// Refresh idle accounts at least this often (seconds); default from the catalog.
+    pub keep_alive_secs: Option<i64>,
 }
 
 /// Who performs an administrative change (for its audit entry).

@@ -5,6 +5,10 @@ use super::*;
 /// Extra attempts after a refresh that certainly did not reach the provider.
 const MAX_REFRESH_RETRIES: u32 = 2;
 
+/// How long the background refresher holds its claim on an account (seconds): the next pass
+/// after a failure comes no sooner.
+const REFRESH_CLAIM_SECS: i64 = 120;
+
 impl Vault {
     /// The stored access token is good for more than `margin` seconds.
     fn is_fresh(&self, a: &ConnectedAccount, margin: i64) -> bool {
@@ -72,6 +76,17 @@ impl Vault {
         if self.is_fresh(&current, margin) {
             return self.open_access(&current).await;
         }
+        let updated = self.refresh_own_token(current, conn).await?;
+        self.open_access(&updated).await
+    }
+
+    /// Refresh the account's own (unnarrowed) token and commit the new pair. The caller holds
+    /// the account's lock and has just re-read it.
+    async fn refresh_own_token(
+        &self,
+        current: ConnectedAccount,
+        conn: &Connection,
+    ) -> Result<ConnectedAccount, OAuthError> {
         // Some providers (Microsoft) require `scope` on every refresh: the consent, unnarrowed.
         let consent = current.scopes.clone();
         let scope = catalog::refresh_needs_scope(conn).then_some(&consent);
@@ -87,7 +102,7 @@ impl Vault {
             // release transaction still refuses it if the account was revoked.
             tracing::warn!(account = %current.id, "refreshed tokens lost a concurrent update");
         }
-        self.open_access(&updated).await
+        Ok(updated)
     }
 
     async fn fresh_scoped_token(
@@ -185,12 +200,21 @@ impl Vault {
         let not_connected =
             || OAuthError::not_connected(&conn.name, self.config.connect_uri(&conn.name));
         let ep = self.endpoints(conn).await?;
+        // A refresh of this very token started before and its outcome never committed: the
+        // provider may have rotated it and Latchkey lost the answer.
+        let interrupted = current.refresh_started_at.is_some();
         let mut reread = false;
         let mut retries = 0u32;
         loop {
             let Some(blob) = current.refresh_token.as_deref() else {
                 return Err(not_connected());
             };
+            // Keep the window between the provider's answer and the commit visible: a crash
+            // inside it leaves this mark, which the next start finds and resolves.
+            self.store
+                .mark_refresh_started(&current.id, current.token_version, self.now())
+                .await
+                .map_err(store_err)?;
             let refresh_token = self
                 .keys
                 .open_string(account_slot(&current.id, "refresh_token"), blob)
@@ -222,15 +246,30 @@ impl Vault {
                         current = again;
                         continue;
                     }
-                    let reason = format!(
-                        "{} refused the stored refresh token ({why}), so the user must connect again",
-                        conn.name
-                    );
+                    let reason = if interrupted {
+                        format!(
+                            "an earlier refresh was interrupted before Latchkey could save the \
+                             provider's answer, and {} no longer accepts the stored refresh token \
+                             ({why}), so the user must connect again",
+                            conn.name
+                        )
+                    } else {
+                        format!(
+                            "{} refused the stored refresh token ({why}), so the user must connect again",
+                            conn.name
+                        )
+                    };
                     let audit = AuditRecord {
                         subject_user: Some(current.user_id.clone()),
                         connection: Some(conn.name.clone()),
                         account_id: Some(current.id.clone()),
                         reason: Some(reason.clone()),
+                        notify: self.account_event(
+                            "account.needs_reauth",
+                            &current,
+                            conn,
+                            Some(&reason),
+                        ),
                         ..self.audit(
                             &Actor {
                                 kind: "operator",
@@ -330,47 +369,79 @@ pub struct RefreshReport {
 }
 
 impl Vault {
-    /// The background refresher's pass: refresh, ahead of expiry, the tokens of accounts used
-    /// recently (`proactive_refresh_window`, `refresh_idle_after`), so that exchanges in steady
-    /// state never wait on the provider. It goes through the same single-flight path as the
-    /// exchange, so it never races one. At most `limit` tokens per pass, one at a time.
-    pub async fn refresh_due(&self, limit: usize) -> RefreshReport {
+    /// The background refresher's pass over the accounts it claims (see [`RefreshWhy`]):
+    /// tokens of recently used accounts are refreshed ahead of expiry
+    /// (`proactive_refresh_window`, `refresh_idle_after`), so that exchanges in steady state
+    /// never wait on the provider; idle accounts are refreshed on their connection's keep-alive
+    /// interval; refreshes interrupted before `interrupted_before` are resolved (at start-up,
+    /// every mark left is one). It goes through the same single-flight path as the exchange,
+    /// so it never races one. At most `limit` accounts per pass, one at a time.
+    pub async fn refresh_due(&self, limit: usize, interrupted_before: i64) -> RefreshReport {
         let now = self.now();
         let window = self.config.proactive_refresh_window;
-        let candidates = match self
-            .store
-            .refresh_candidates(
-                now + window,
-                now - self.config.refresh_idle_after,
-                limit as i64,
-            )
-            .await
-        {
-            Ok(c) => c,
+        let query = RefreshQuery {
+            now,
+            expiring_before: now + window,
+            used_since: now - self.config.refresh_idle_after,
+            interrupted_before,
+            claim_until: now + REFRESH_CLAIM_SECS,
+            limit: limit as i64,
+        };
+        let work = match self.store.claim_refresh_work(&query).await {
+            Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "listing tokens due for refresh failed");
                 return RefreshReport::default();
             }
         };
         let mut report = RefreshReport::default();
-        for (account, scope) in candidates {
+        for RefreshWork {
+            account,
+            scope,
+            why,
+        } in work
+        {
             let conn = match self.store.connection_by_id(&account.connection_id).await {
                 Ok(Some(c)) => c,
                 _ => continue,
             };
-            let scope = scope.unwrap_or_else(|| account.scopes.clone());
-            match self
-                .fresh_access_token(account, &conn, &scope, window)
-                .await
-            {
-                Ok(_) => report.refreshed += 1,
+            let result = match why {
+                RefreshWhy::Expiring => {
+                    let scope = scope.unwrap_or_else(|| account.scopes.clone());
+                    self.fresh_access_token(account, &conn, &scope, window)
+                        .await
+                        .map(|_| true)
+                }
+                RefreshWhy::KeepAlive | RefreshWhy::Interrupted => {
+                    self.refresh_if_unchanged(account, &conn).await
+                }
+            };
+            match result {
+                Ok(true) => report.refreshed += 1,
+                Ok(false) => {}
                 Err(e) => {
-                    tracing::info!(connection = %conn.name, code = e.code, "background refresh did not succeed");
+                    tracing::info!(connection = %conn.name, code = e.code, ?why, "background refresh did not succeed");
                     report.failed += 1;
                 }
             }
         }
         metrics::counter!("latchkey_background_refreshes_total").increment(report.refreshed as u64);
         report
+    }
+
+    /// Refresh the account now unless someone changed its tokens since it was read (then the
+    /// keep-alive or the interrupted refresh is already taken care of). True if refreshed.
+    async fn refresh_if_unchanged(
+        &self,
+        seen: ConnectedAccount,
+        conn: &Connection,
+    ) -> Result<bool, OAuthError> {
+        let _guard = self.refresh_locks.lock(&seen.id).await;
+        let current = self.active_account(&seen.id, conn).await?;
+        if current.token_version != seen.token_version {
+            return Ok(false);
+        }
+        self.refresh_own_token(current, conn).await?;
+        Ok(true)
     }
 }

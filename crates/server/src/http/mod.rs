@@ -1,6 +1,7 @@
 //! The HTTP surface. Handlers are thin: extract, call one `Vault` method, map the result
 //! (errors through [`errors`] only).
 
+mod admin;
 mod errors;
 mod my_account;
 mod oauth;
@@ -108,6 +109,7 @@ pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
         .route("/account", get(web::account))
         .route("/connect/{connection}/callback", get(web::connect_callback))
         .route("/connect/{connection}", get(web::connect_start))
+        .nest("/api/v1", admin::router())
         .with_state(state.clone());
     if let Some(demo) = demo {
         app = app.nest("/demo", demo.router());

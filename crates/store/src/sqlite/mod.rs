@@ -19,7 +19,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("schema.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("schema.sql")),
+    (2, include_str!("v2_lifecycle.sql")),
+];
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -185,6 +188,19 @@ async fn insert_audit(
     .execute(&mut **tx)
     .await
     .map_err(unavailable)?;
+    if let Some(n) = &a.notify {
+        sqlx::query(
+            "INSERT INTO webhook_outbox (id, event, body, created_at, next_attempt_at) \
+             VALUES ('whk_' || lower(hex(randomblob(16))), ?, ?, ?, ?)",
+        )
+        .bind(&n.event)
+        .bind(&n.body)
+        .bind(a.at)
+        .bind(a.at)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    }
     Ok(())
 }
 
@@ -213,6 +229,7 @@ fn connection_row(r: &SqliteRow) -> Connection {
         api_base_url: r.get("api_base_url"),
         issuer: r.get("issuer"),
         scopes: Scopes::parse(r.get::<&str, _>("scopes")),
+        keep_alive_secs: r.get("keep_alive_secs"),
         created_at: r.get("created_at"),
     }
 }
@@ -234,6 +251,17 @@ fn account_row(r: &SqliteRow) -> ConnectedAccount {
         last_used_at: r.get("last_used_at"),
         last_refreshed_at: r.get("last_refreshed_at"),
         token_version: r.get("token_version"),
+        refresh_started_at: r.get("refresh_started_at"),
+    }
+}
+
+fn operator_token_row(r: &SqliteRow) -> OperatorToken {
+    OperatorToken {
+        id: r.get("id"),
+        name: r.get("name"),
+        created_at: r.get("created_at"),
+        last_used_at: r.get("last_used_at"),
+        revoked_at: r.get("revoked_at"),
     }
 }
 
@@ -251,6 +279,20 @@ fn agent_row(r: &SqliteRow) -> Agent {
         public_client: r.get::<i64, _>("public_client") != 0,
         rotate_refresh_tokens: r.get::<i64, _>("rotate_refresh_tokens") != 0,
         resource_server: r.get("resource_server"),
+        created_at: r.get("created_at"),
+    }
+}
+
+fn grant_row(r: &SqliteRow) -> Grant {
+    Grant {
+        agent_id: r.get("agent_id"),
+        connection_id: r.get("connection_id"),
+        scopes: Scopes::parse(r.get::<&str, _>("scopes")),
+        ip_allowlist: r
+            .get::<&str, _>("ip_allowlist")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
         created_at: r.get("created_at"),
     }
 }
@@ -300,6 +342,7 @@ fn audit_row(r: &SqliteRow) -> AuditEntry {
             account_id: r.get("account_id"),
             scopes: r.get("scopes"),
             decision: r.get("decision"),
+            notify: None,
             reason: r.get("reason"),
             audit_context: r.get("audit_context"),
             request_id: r.get("request_id"),
@@ -557,7 +600,8 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO connections (id, name, provider, client_id, client_secret, authorize_url, token_url, \
-             revoke_url, userinfo_url, api_base_url, issuer, scopes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             revoke_url, userinfo_url, api_base_url, issuer, scopes, keep_alive_secs, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&c.id)
         .bind(&c.name)
@@ -571,6 +615,7 @@ impl Store for SqliteStore {
         .bind(&c.api_base_url)
         .bind(&c.issuer)
         .bind(c.scopes.to_string_spaced())
+        .bind(c.keep_alive_secs)
         .bind(c.created_at)
         .execute(&mut *tx)
         .await
@@ -614,7 +659,7 @@ impl Store for SqliteStore {
              ON CONFLICT(id) DO UPDATE SET scopes = excluded.scopes, access_token = excluded.access_token, \
              access_expires_at = excluded.access_expires_at, refresh_token = excluded.refresh_token, \
              status = excluded.status, status_reason = NULL, updated_at = excluded.updated_at, \
-             token_version = connected_accounts.token_version + 1",
+             refresh_started_at = NULL, token_version = connected_accounts.token_version + 1",
         )
         .bind(&a.id)
         .bind(&a.user_id)
@@ -694,8 +739,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let n = sqlx::query(
             "UPDATE connected_accounts SET scopes = ?, access_token = ?, access_expires_at = ?, refresh_token = ?, \
-             updated_at = ?, last_refreshed_at = ?, token_version = ? WHERE id = ? AND token_version = ? \
-             AND status = 'active'",
+             updated_at = ?, last_refreshed_at = ?, refresh_started_at = NULL, token_version = ? \
+             WHERE id = ? AND token_version = ? AND status = 'active'",
         )
         .bind(a.scopes.to_string_spaced())
         .bind(&a.access_token)
@@ -721,8 +766,8 @@ impl Store for SqliteStore {
         audit: &AuditRecord,
     ) -> StoreResult<bool> {
         self.audited(sqlx::query(
-            "UPDATE connected_accounts SET status = ?, status_reason = ?, token_version = token_version + 1 \
-             WHERE id = ? AND token_version = ?",
+            "UPDATE connected_accounts SET status = ?, status_reason = ?, refresh_started_at = NULL, \
+             token_version = token_version + 1 WHERE id = ? AND token_version = ?",
         )
         .bind(status.as_str())
         .bind(&audit.reason)
@@ -744,45 +789,124 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn refresh_candidates(
-        &self,
-        expiring_before: i64,
-        used_since: i64,
-        limit: i64,
-    ) -> StoreResult<Vec<(ConnectedAccount, Option<Scopes>)>> {
-        let own = sqlx::query(
-            "SELECT * FROM connected_accounts WHERE status = 'active' AND refresh_token IS NOT NULL \
-             AND last_used_at >= ? AND access_expires_at IS NOT NULL AND access_expires_at < ? \
-             AND NOT EXISTS (SELECT 1 FROM scoped_tokens s WHERE s.account_id = connected_accounts.id) \
-             ORDER BY access_expires_at LIMIT ?",
-        )
-        .bind(used_since)
-        .bind(expiring_before)
-        .bind(limit)
-        .fetch_all(&self.pool)
+    async fn claim_refresh_work(&self, q: &RefreshQuery) -> StoreResult<Vec<RefreshWork>> {
+        // Active, refreshable, and not claimed by another pass (binds `now` first).
+        macro_rules! free {
+            () => {
+                "a.status = 'active' AND a.refresh_token IS NOT NULL \
+                 AND (a.refresh_claimed_until IS NULL OR a.refresh_claimed_until <= ?)"
+            };
+        }
+        let mut tx = self.write().await?;
+        let mut work: Vec<RefreshWork> = Vec::new();
+        let interrupted = sqlx::query(concat!(
+            "SELECT a.* FROM connected_accounts a WHERE ",
+            free!(),
+            " AND a.refresh_started_at < ? \
+             ORDER BY a.refresh_started_at LIMIT ?"
+        ))
+        .bind(q.now)
+        .bind(q.interrupted_before)
+        .bind(q.limit)
+        .fetch_all(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let narrowed = sqlx::query(
-            "SELECT a.*, s.scopes AS narrowed_scopes FROM scoped_tokens s JOIN connected_accounts a ON a.id = s.account_id \
-             WHERE a.status = 'active' AND a.refresh_token IS NOT NULL AND a.last_used_at >= ? \
-             AND s.expires_at IS NOT NULL AND s.expires_at < ? ORDER BY s.expires_at LIMIT ?",
-        )
-        .bind(used_since)
-        .bind(expiring_before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        let mut out: Vec<(ConnectedAccount, Option<Scopes>)> =
-            own.iter().map(|r| (account_row(r), None)).collect();
-        out.extend(narrowed.iter().map(|r| {
-            (
-                account_row(r),
-                Some(Scopes::parse(r.get::<&str, _>("narrowed_scopes"))),
-            )
+        work.extend(interrupted.iter().map(|r| RefreshWork {
+            account: account_row(r),
+            scope: None,
+            why: RefreshWhy::Interrupted,
         }));
-        out.truncate(limit.max(0) as usize);
-        Ok(out)
+        let own = sqlx::query(concat!(
+            "SELECT a.* FROM connected_accounts a WHERE ",
+            free!(),
+            " AND a.last_used_at >= ? \
+             AND a.access_expires_at IS NOT NULL AND a.access_expires_at < ? \
+             AND NOT EXISTS (SELECT 1 FROM scoped_tokens s WHERE s.account_id = a.id) \
+             ORDER BY a.access_expires_at LIMIT ?"
+        ))
+        .bind(q.now)
+        .bind(q.used_since)
+        .bind(q.expiring_before)
+        .bind(q.limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        work.extend(own.iter().map(|r| RefreshWork {
+            account: account_row(r),
+            scope: None,
+            why: RefreshWhy::Expiring,
+        }));
+        let narrowed = sqlx::query(concat!(
+            "SELECT a.*, s.scopes AS narrowed_scopes FROM scoped_tokens s \
+             JOIN connected_accounts a ON a.id = s.account_id WHERE ",
+            free!(),
+            " AND a.last_used_at >= ? \
+             AND s.expires_at IS NOT NULL AND s.expires_at < ? ORDER BY s.expires_at LIMIT ?"
+        ))
+        .bind(q.now)
+        .bind(q.used_since)
+        .bind(q.expiring_before)
+        .bind(q.limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        work.extend(narrowed.iter().map(|r| RefreshWork {
+            account: account_row(r),
+            scope: Some(Scopes::parse(r.get::<&str, _>("narrowed_scopes"))),
+            why: RefreshWhy::Expiring,
+        }));
+        let idle = sqlx::query(concat!(
+            "SELECT a.* FROM connected_accounts a JOIN connections c ON c.id = a.connection_id \
+             WHERE ",
+            free!(),
+            " AND c.keep_alive_secs IS NOT NULL \
+             AND COALESCE(a.last_refreshed_at, a.created_at) + c.keep_alive_secs < ? \
+             ORDER BY COALESCE(a.last_refreshed_at, a.created_at) LIMIT ?"
+        ))
+        .bind(q.now)
+        .bind(q.now)
+        .bind(q.limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        work.extend(idle.iter().map(|r| RefreshWork {
+            account: account_row(r),
+            scope: None,
+            why: RefreshWhy::KeepAlive,
+        }));
+        // One entry per account (the first reason found wins), at most `limit`.
+        let mut seen = std::collections::HashSet::new();
+        work.retain(|w| seen.insert(w.account.id.clone()));
+        work.truncate(q.limit.max(0) as usize);
+        for w in &work {
+            sqlx::query("UPDATE connected_accounts SET refresh_claimed_until = ? WHERE id = ?")
+                .bind(q.claim_until)
+                .bind(&w.account.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(work)
+    }
+
+    async fn mark_refresh_started(
+        &self,
+        id: &str,
+        expected_version: i64,
+        at: i64,
+    ) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE connected_accounts SET refresh_started_at = ? WHERE id = ? AND token_version = ?",
+        )
+        .bind(at)
+        .bind(id)
+        .bind(expected_version)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        Ok(n == 1)
     }
 
     async fn store_scoped_token(
@@ -794,7 +918,7 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         let n = sqlx::query(
             "UPDATE connected_accounts SET refresh_token = ?, updated_at = ?, last_refreshed_at = ?, \
-             token_version = ? WHERE id = ? AND token_version = ? AND status = 'active'",
+             refresh_started_at = NULL, token_version = ? WHERE id = ? AND token_version = ? AND status = 'active'",
         )
         .bind(&a.refresh_token)
         .bind(a.updated_at)
@@ -959,17 +1083,15 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        Ok(row.map(|r| Grant {
-            agent_id: r.get("agent_id"),
-            connection_id: r.get("connection_id"),
-            scopes: Scopes::parse(r.get::<&str, _>("scopes")),
-            ip_allowlist: r
-                .get::<&str, _>("ip_allowlist")
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect(),
-            created_at: r.get("created_at"),
-        }))
+        Ok(row.as_ref().map(grant_row))
+    }
+
+    async fn list_grants(&self) -> StoreResult<Vec<Grant>> {
+        let rows = sqlx::query("SELECT * FROM grants ORDER BY agent_id, connection_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(grant_row).collect())
     }
 
     async fn set_agent_disabled(
@@ -1420,6 +1542,133 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         Ok(rows.iter().map(audit_row).collect())
+    }
+
+    async fn claim_webhooks(
+        &self,
+        now: i64,
+        claim_until: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<OutboxItem>> {
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(
+            "SELECT id, event, body, attempts FROM webhook_outbox WHERE delivered_at IS NULL \
+             AND failed_at IS NULL AND next_attempt_at <= ? ORDER BY created_at, id LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let items: Vec<OutboxItem> = rows
+            .iter()
+            .map(|r| OutboxItem {
+                id: r.get("id"),
+                event: r.get("event"),
+                body: r.get("body"),
+                attempts: r.get("attempts"),
+            })
+            .collect();
+        for item in &items {
+            sqlx::query("UPDATE webhook_outbox SET next_attempt_at = ? WHERE id = ?")
+                .bind(claim_until)
+                .bind(&item.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(items)
+    }
+
+    async fn webhook_delivered(&self, id: &str, at: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE webhook_outbox SET delivered_at = ?, attempts = attempts + 1, last_error = NULL \
+             WHERE id = ?",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn webhook_failed(
+        &self,
+        id: &str,
+        at: i64,
+        retry_at: Option<i64>,
+        error: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = ?, \
+             next_attempt_at = COALESCE(?, next_attempt_at), failed_at = CASE WHEN ? IS NULL THEN ? END \
+             WHERE id = ?",
+        )
+        .bind(error)
+        .bind(retry_at)
+        .bind(retry_at)
+        .bind(at)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn insert_operator_token(
+        &self,
+        t: &OperatorToken,
+        secret_hash: &str,
+        audit: &AuditRecord,
+    ) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO operator_tokens (id, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(secret_hash)
+        .bind(t.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict("an operator token with this name"))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn use_operator_token(&self, hash: &str, now: i64) -> StoreResult<Option<OperatorToken>> {
+        let row = sqlx::query(
+            "UPDATE operator_tokens SET last_used_at = ? WHERE secret_hash = ? AND revoked_at IS NULL \
+             RETURNING *",
+        )
+        .bind(now)
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(row.as_ref().map(operator_token_row))
+    }
+
+    async fn list_operator_tokens(&self) -> StoreResult<Vec<OperatorToken>> {
+        let rows = sqlx::query("SELECT * FROM operator_tokens ORDER BY created_at, name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(operator_token_row).collect())
+    }
+
+    async fn revoke_operator_token(&self, name: &str, audit: &AuditRecord) -> StoreResult<bool> {
+        self.audited(
+            sqlx::query(
+                "UPDATE operator_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            )
+            .bind(audit.at)
+            .bind(name),
+            audit,
+        )
+        .await
     }
 
     async fn ping(&self) -> StoreResult<()> {

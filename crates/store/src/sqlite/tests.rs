@@ -47,6 +47,7 @@ async fn seed(s: &SqliteStore) -> ConnectedAccount {
         api_base_url: None,
         issuer: Some("https://idp.example".into()),
         scopes: Scopes::parse("a b"),
+        keep_alive_secs: Some(1000),
         created_at: 1,
     };
     s.insert_connection(&c, &audit("c")).await.unwrap();
@@ -66,6 +67,7 @@ async fn seed(s: &SqliteStore) -> ConnectedAccount {
         last_used_at: None,
         last_refreshed_at: None,
         token_version: 0,
+        refresh_started_at: None,
     };
     s.upsert_account(&a, &audit("a")).await.unwrap();
     a
@@ -310,13 +312,33 @@ async fn totp_steps_are_used_once_and_sessions_keep_their_authentication() {
     assert_eq!(s.session("h", 60).await.unwrap(), None, "expired");
 }
 
+fn query(now: i64, expiring_before: i64, used_since: i64) -> RefreshQuery {
+    RefreshQuery {
+        now,
+        expiring_before,
+        used_since,
+        interrupted_before: 0,
+        claim_until: now + 10,
+        limit: 10,
+    }
+}
+
+async fn claim(s: &SqliteStore, q: RefreshQuery) -> Vec<(String, Option<Scopes>, RefreshWhy)> {
+    s.claim_refresh_work(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.account.id, w.scope, w.why))
+        .collect()
+}
+
 #[tokio::test]
-async fn refresh_candidates_are_used_expiring_tokens() {
+async fn refresh_work_is_claimed_once_and_covers_every_reason() {
     let (_d, s) = store().await;
-    let a = seed(&s).await; // expires at 100, never used
+    let a = seed(&s).await; // expires at 100, never used, keep-alive every 1000 s
     assert!(
-        s.refresh_candidates(200, 0, 10).await.unwrap().is_empty(),
-        "never used: not a candidate"
+        claim(&s, query(60, 200, 0)).await.is_empty(),
+        "never used: not due"
     );
     let j = JtiUse {
         key: "k".into(),
@@ -332,18 +354,23 @@ async fn refresh_candidates_are_used_expiring_tokens() {
     )
     .await
     .unwrap();
-    let due = s.refresh_candidates(200, 0, 10).await.unwrap();
-    assert_eq!(due.len(), 1);
-    assert_eq!((due[0].0.id.as_str(), due[0].1.clone()), ("cac_1", None));
     assert!(
-        s.refresh_candidates(90, 0, 10).await.unwrap().is_empty(),
+        claim(&s, query(60, 90, 0)).await.is_empty(),
         "not expiring yet"
     );
     assert!(
-        s.refresh_candidates(200, 60, 10).await.unwrap().is_empty(),
-        "idle since before 60"
+        claim(&s, query(60, 200, 55)).await.is_empty(),
+        "idle since before 55"
     );
-    // With a narrowed token in use, that one is the candidate, not the account's own.
+    let expiring = ("cac_1".to_owned(), None, RefreshWhy::Expiring);
+    assert_eq!(claim(&s, query(60, 200, 0)).await, vec![expiring.clone()]);
+    assert!(
+        claim(&s, query(65, 200, 0)).await.is_empty(),
+        "claimed until 70 by the first pass"
+    );
+    assert_eq!(claim(&s, query(70, 200, 0)).await, vec![expiring]);
+
+    // With a narrowed token in use, that one is due, not the account's own.
     let t = ScopedToken {
         id: "cac_1 a".into(),
         account_id: "cac_1".into(),
@@ -352,7 +379,137 @@ async fn refresh_candidates_are_used_expiring_tokens() {
         expires_at: Some(150),
     };
     assert!(s.store_scoped_token(&a, 0, &t).await.unwrap());
-    let due = s.refresh_candidates(200, 0, 10).await.unwrap();
-    assert_eq!(due.len(), 1);
-    assert_eq!(due[0].1, Some(Scopes::parse("a")));
+    let due = claim(&s, query(80, 200, 0)).await;
+    assert_eq!(
+        due,
+        vec![(
+            "cac_1".to_owned(),
+            Some(Scopes::parse("a")),
+            RefreshWhy::Expiring
+        )]
+    );
+
+    // A refresh that started and never committed is found, first, once it is old enough.
+    assert!(s.mark_refresh_started("cac_1", 1, 85).await.unwrap());
+    assert!(
+        !s.mark_refresh_started("cac_1", 0, 85).await.unwrap(),
+        "stale version"
+    );
+    let interrupted = RefreshQuery {
+        interrupted_before: 86,
+        ..query(100, 0, 0)
+    };
+    assert_eq!(
+        claim(&s, interrupted.clone()).await,
+        vec![("cac_1".to_owned(), None, RefreshWhy::Interrupted)]
+    );
+    // Committing the refresh's outcome clears the mark.
+    let mut b = s.account_by_id("cac_1").await.unwrap().unwrap();
+    assert_eq!(b.refresh_started_at, Some(85));
+    b.updated_at = 95;
+    assert!(s.update_account_tokens(&b, 1).await.unwrap());
+    let b = s.account_by_id("cac_1").await.unwrap().unwrap();
+    assert_eq!(
+        (b.refresh_started_at, b.last_refreshed_at),
+        (None, Some(95))
+    );
+    assert!(
+        claim(
+            &s,
+            RefreshQuery {
+                now: 200,
+                ..interrupted
+            }
+        )
+        .await
+        .is_empty()
+    );
+
+    // Idle longer than the connection's keep-alive interval (1000 s since the last refresh).
+    assert!(claim(&s, query(1095, 0, 0)).await.is_empty());
+    assert_eq!(
+        claim(&s, query(1096, 0, 0)).await,
+        vec![("cac_1".to_owned(), None, RefreshWhy::KeepAlive)]
+    );
+    // A status change clears the mark too, and inactive accounts are never due.
+    assert!(s.mark_refresh_started("cac_1", 2, 1100).await.unwrap());
+    assert!(
+        s.set_account_status("cac_1", AccountStatus::NeedsReauth, 2, &audit("x"))
+            .await
+            .unwrap()
+    );
+    let b = s.account_by_id("cac_1").await.unwrap().unwrap();
+    assert_eq!(b.refresh_started_at, None);
+    assert!(claim(&s, query(5000, 9999, 0)).await.is_empty());
+}
+
+#[tokio::test]
+async fn webhook_outbox_is_written_with_its_event_and_claimed_once() {
+    let (_d, s) = store().await;
+    let with_event = |at| AuditRecord {
+        at,
+        notify: Some(Notification {
+            event: "account.needs_reauth".into(),
+            body: "{}".into(),
+        }),
+        ..audit("x")
+    };
+    s.append_audit(&with_event(10)).await.unwrap();
+    s.append_audit(&with_event(11)).await.unwrap();
+    s.append_audit(&audit("no event")).await.unwrap();
+    let due = s.claim_webhooks(20, 80, 10).await.unwrap();
+    assert_eq!(due.len(), 2);
+    assert_eq!(due[0].event, "account.needs_reauth");
+    assert!(due[0].id.starts_with("whk_") && due[0].id != due[1].id);
+    assert!(
+        s.claim_webhooks(50, 110, 10).await.unwrap().is_empty(),
+        "claimed"
+    );
+    s.webhook_delivered(&due[0].id, 30).await.unwrap();
+    s.webhook_failed(&due[1].id, 30, Some(100), "503")
+        .await
+        .unwrap();
+    assert!(s.claim_webhooks(99, 150, 10).await.unwrap().is_empty());
+    let again = s.claim_webhooks(100, 150, 10).await.unwrap();
+    assert_eq!((again.len(), again[0].attempts), (1, 1));
+    s.webhook_failed(&again[0].id, 101, None, "gone")
+        .await
+        .unwrap();
+    assert!(
+        s.claim_webhooks(10_000, 10_050, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "given up"
+    );
+}
+
+#[tokio::test]
+async fn operator_tokens_authenticate_until_revoked() {
+    let (_d, s) = store().await;
+    let t = OperatorToken {
+        id: "opt_1".into(),
+        name: "ci".into(),
+        created_at: 1,
+        last_used_at: None,
+        revoked_at: None,
+    };
+    s.insert_operator_token(&t, "h1", &audit("c"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.insert_operator_token(&t, "h2", &audit("c")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let used = s.use_operator_token("h1", 7).await.unwrap().unwrap();
+    assert_eq!((used.name.as_str(), used.last_used_at), ("ci", Some(7)));
+    assert!(s.use_operator_token("h2", 7).await.unwrap().is_none());
+    assert!(s.revoke_operator_token("ci", &audit("r")).await.unwrap());
+    assert!(!s.revoke_operator_token("ci", &audit("r")).await.unwrap());
+    assert!(s.use_operator_token("h1", 8).await.unwrap().is_none());
+    assert!(
+        s.list_operator_tokens().await.unwrap()[0]
+            .revoked_at
+            .is_some()
+    );
 }
