@@ -232,14 +232,16 @@ impl Server {
         // this process starts); later passes leave a refresh running elsewhere its deadline.
         let vault = self.vault.clone();
         let refresher = tokio::spawn(async move {
-            let report = vault.refresh_due(100, vault.now()).await;
+            const PASS: usize = 500;
+            let report = vault.refresh_due(PASS, vault.now()).await;
             if report != Default::default() {
                 tracing::info!(?report, "start-up refresh pass");
             }
             loop {
                 let jitter = u64::from(latchkey_crypto::secrets::random_bytes(1)[0]) * 20;
                 tokio::time::sleep(Duration::from_millis(30_000 + jitter)).await;
-                vault.refresh_due(100, vault.now() - 300).await;
+                // A full pass means more is due: keep going without the pause.
+                while vault.refresh_due(PASS, vault.now() - 300).await.total() == PASS {}
             }
         });
         // Webhook deliveries: every few seconds, what is due in the outbox.

@@ -1,5 +1,7 @@
 //! Upstream access tokens: cached, narrowed, and refreshed one at a time per account.
 
+use futures_util::StreamExt;
+
 use super::*;
 
 /// Extra attempts after a refresh that certainly did not reach the provider.
@@ -8,6 +10,9 @@ const MAX_REFRESH_RETRIES: u32 = 2;
 /// How long the background refresher holds its claim on an account (seconds): the next pass
 /// after a failure comes no sooner.
 const REFRESH_CLAIM_SECS: i64 = 120;
+
+/// Accounts the background refresher works on at once.
+const REFRESH_CONCURRENCY: usize = 4;
 
 impl Vault {
     /// The stored access token is good for more than `margin` seconds.
@@ -368,6 +373,12 @@ pub struct RefreshReport {
     pub failed: usize,
 }
 
+impl RefreshReport {
+    pub fn total(&self) -> usize {
+        self.refreshed + self.failed
+    }
+}
+
 impl Vault {
     /// The background refresher's pass over the accounts it claims (see [`RefreshWhy`]):
     /// tokens of recently used accounts are refreshed ahead of expiry
@@ -375,7 +386,7 @@ impl Vault {
     /// never wait on the provider; idle accounts are refreshed on their connection's keep-alive
     /// interval; refreshes interrupted before `interrupted_before` are resolved (at start-up,
     /// every mark left is one). It goes through the same single-flight path as the exchange,
-    /// so it never races one. At most `limit` accounts per pass, one at a time.
+    /// so it never races one. At most `limit` accounts per pass, a few at a time.
     pub async fn refresh_due(&self, limit: usize, interrupted_before: i64) -> RefreshReport {
         let now = self.now();
         let window = self.config.proactive_refresh_window;
@@ -394,39 +405,51 @@ impl Vault {
                 return RefreshReport::default();
             }
         };
+        // A few accounts at a time: each waits on its provider, not on the machine.
+        let outcomes: Vec<Result<bool, OAuthError>> = futures_util::stream::iter(work)
+            .map(|w| self.refresh_claimed(w, window))
+            .buffer_unordered(REFRESH_CONCURRENCY)
+            .collect()
+            .await;
         let mut report = RefreshReport::default();
-        for RefreshWork {
-            account,
-            scope,
-            why,
-        } in work
-        {
-            let conn = match self.store.connection_by_id(&account.connection_id).await {
-                Ok(Some(c)) => c,
-                _ => continue,
-            };
-            let result = match why {
-                RefreshWhy::Expiring => {
-                    let scope = scope.unwrap_or_else(|| account.scopes.clone());
-                    self.fresh_access_token(account, &conn, &scope, window)
-                        .await
-                        .map(|_| true)
-                }
-                RefreshWhy::KeepAlive | RefreshWhy::Interrupted => {
-                    self.refresh_if_unchanged(account, &conn).await
-                }
-            };
-            match result {
+        for outcome in outcomes {
+            match outcome {
                 Ok(true) => report.refreshed += 1,
                 Ok(false) => {}
-                Err(e) => {
-                    tracing::info!(connection = %conn.name, code = e.code, ?why, "background refresh did not succeed");
-                    report.failed += 1;
-                }
+                Err(_) => report.failed += 1,
             }
         }
         metrics::counter!("latchkey_background_refreshes_total").increment(report.refreshed as u64);
         report
+    }
+
+    /// One claimed account: true if its token was refreshed.
+    async fn refresh_claimed(&self, w: RefreshWork, window: i64) -> Result<bool, OAuthError> {
+        let RefreshWork {
+            account,
+            scope,
+            why,
+        } = w;
+        let conn = match self.store.connection_by_id(&account.connection_id).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(store_err(e)),
+        };
+        let result = match why {
+            RefreshWhy::Expiring => {
+                let scope = scope.unwrap_or_else(|| account.scopes.clone());
+                self.fresh_access_token(account, &conn, &scope, window)
+                    .await
+                    .map(|_| true)
+            }
+            RefreshWhy::KeepAlive | RefreshWhy::Interrupted => {
+                self.refresh_if_unchanged(account, &conn).await
+            }
+        };
+        if let Err(e) = &result {
+            tracing::info!(connection = %conn.name, code = e.code, ?why, "background refresh did not succeed");
+        }
+        result
     }
 
     /// Refresh the account now unless someone changed its tokens since it was read (then the
