@@ -443,6 +443,11 @@ async fn refresh(inner: &Inner, params: &Params) -> Response {
     let result = inner
         .lock()
         .refresh(inner.now(), behaviour, presented, params.get("scope"));
+    if let Behaviour::RotateThenSlow { millis } = behaviour {
+        // Done and committed above: if the client disconnects now, this future is dropped but
+        // the rotation stands.
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+    }
     result.map_or_else(grant_error, tokens)
 }
 

@@ -22,12 +22,25 @@
 //! token answer; the fault behaviours apply to the **refresh grant only**, so connecting an
 //! account (the authorization-code grant) keeps working whatever is set.
 //!
+//! | [`Behaviour`] | refresh grant |
+//! |---|---|
+//! | `StrictRotation` (default) | new refresh token; the one presented dies; reusing it revokes the family |
+//! | `GraceRotation { seconds }` | rotation; a replaced token keeps working for `seconds` |
+//! | `NonRotating` | answers the refresh token presented |
+//! | `NonExpiring` | no `expires_in`, no refresh token (either grant) |
+//! | `Slow { millis }` | waits, then rotates; a client that gave up consumed nothing |
+//! | `RotateThenSlow { millis }` | rotates at once, then waits before answering; the rotation stands if the client gives up (the crash window) |
+//! | `ServerError { status }`, `RateLimited { retry_after }` | 5xx / 429 + `Retry-After` |
+//! | `MalformedJson`, `OversizedJson` | 200 with `{not json` / a body over 1 MiB |
+//! | `MissingRefreshToken`, `MissingExpiresIn` | a valid answer without that field |
+//!
 //! Time comes from the injected [`Clock`] (share the test server's `ManualClock` so that moving
 //! it expires the mock's access tokens too); the mock never reads the system clock. Only
-//! [`Behaviour::Slow`] really waits, with `tokio::time::sleep`. State is in memory; opaque
-//! values are stored as SHA-256 digests, except each family's current refresh token (kept so a
-//! grace-period reuse can answer with it, and reported in [`MockStats`] for assertions). Request
-//! data never panics the mock: every malformed request gets an OAuth-shaped error.
+//! [`Behaviour::Slow`] and [`Behaviour::RotateThenSlow`] really wait, with `tokio::time::sleep`.
+//! State is in memory; opaque values are stored as SHA-256 digests, except each family's
+//! current refresh token (kept so a grace-period reuse can answer with it, and reported in
+//! [`MockStats`] for assertions). Request data never panics the mock: every malformed request
+//! gets an OAuth-shaped error.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -66,6 +79,13 @@ pub enum Behaviour {
     /// client that gives up first closes its connection and the server drops the request, so
     /// nothing is consumed (a provider that rotates anyway is not modelled).
     Slow { millis: u64 },
+    /// The refresh grant acts at once, exactly as [`Behaviour::StrictRotation`] (the refresh
+    /// token presented is dead from that moment and the new pair is issued), and only then
+    /// sleeps `millis` before answering. A client that gives up or dies during the sleep never
+    /// sees the new pair, but the rotation stands: this is a provider that acted while its
+    /// answer was lost before the vault committed it (the crash window of a rotating provider).
+    /// Errors (an unknown or replaced token) are answered after the same sleep.
+    RotateThenSlow { millis: u64 },
     /// The refresh grant answers this status with a JSON error body.
     ServerError { status: u16 },
     /// The refresh grant answers 429 with `Retry-After: retry_after`.
@@ -94,6 +114,10 @@ pub struct MockStats {
     pub code_grants: u32,
     /// `invalid_grant` answers from the token endpoint (either grant).
     pub invalid_grants: u32,
+    /// Refresh-grant requests that presented a replaced refresh token after its grace period:
+    /// reuse detection, which revoked the token's family. A vault that lost a rotation (the
+    /// crash window) shows up here when it presents its stale token.
+    pub reused_refresh_tokens: u32,
     /// Revocation requests that named a token the mock issued.
     pub revocations: u32,
     /// The refresh token in the most recent token answer that carried one.

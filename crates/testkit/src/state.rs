@@ -112,6 +112,7 @@ fn shape(b: Behaviour, code_grant: bool) -> Shape {
         },
         Behaviour::StrictRotation
         | Behaviour::Slow { .. }
+        | Behaviour::RotateThenSlow { .. }
         | Behaviour::ServerError { .. }
         | Behaviour::RateLimited { .. }
         | Behaviour::MalformedJson
@@ -244,6 +245,7 @@ impl State {
             RefreshState::Rotated { .. } => {
                 // Reuse of a replaced token: assume it was stolen, kill the family.
                 self.families[family].revoked = true;
+                self.stats.reused_refresh_tokens += 1;
                 return Err(self.refuse("refresh token reuse detected; the grant is revoked"));
             }
         };

@@ -374,3 +374,59 @@ async fn revocation_kills_the_family() {
     assert_eq!(f.refresh(s(&body, "refresh_token")).await.0, 400);
     assert_eq!(f.mock.stats().revocations, 1);
 }
+
+#[tokio::test]
+async fn rotate_then_slow_rotates_before_answering_and_the_rotation_stands() {
+    let f = Fixture::new().await;
+    f.mock.set(Behaviour::RotateThenSlow { millis: 200 });
+
+    // A patient client gets the new pair, no sooner than the sleep.
+    let r1 = s(&f.connect().await, "refresh_token").to_owned();
+    let started = std::time::Instant::now();
+    let (status, _, body) = f.refresh(&r1).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    let r2 = s(&body, "refresh_token").to_owned();
+    assert_ne!(r1, r2);
+    assert_eq!(f.ping(s(&body, "access_token")).await, 200);
+
+    // A client that gives up during the sleep never sees the new pair, but the provider acted:
+    // the token it presented is dead and its replacement is live.
+    f.mock.set(Behaviour::RotateThenSlow { millis: 30_000 });
+    let request = f
+        .http
+        .post(f.url("token"))
+        .basic_auth(ID, Some(SECRET))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", &r2)])
+        .send();
+    let client = tokio::spawn(request);
+    // Wait until the provider has acted, then drop the request (the connection closes).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let r3 = loop {
+        let issued = f.mock.stats().last_issued_refresh_token.unwrap();
+        if issued != r2 {
+            break issued;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mock never rotated"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    assert!(!client.is_finished(), "no answer before the sleep ends");
+    client.abort();
+    assert!(client.await.unwrap_err().is_cancelled());
+    assert_eq!(f.mock.stats().refresh_calls, 2);
+
+    f.mock.set(Behaviour::StrictRotation);
+    let (status, _, fresh) = f.refresh(&r3).await;
+    assert_eq!(status, 200, "the unseen replacement works: {fresh}");
+    let access = s(&fresh, "access_token");
+    assert_eq!(f.ping(access).await, 200);
+    assert_eq!(f.mock.stats().reused_refresh_tokens, 0);
+    // A vault that lost the answer presents its old token: reuse, the family is revoked.
+    let (status, _, body) = f.refresh(&r2).await;
+    assert_eq!((status, s(&body, "error")), (400, "invalid_grant"));
+    assert_eq!(f.mock.stats().reused_refresh_tokens, 1);
+    assert_eq!(f.ping(access).await, 401);
+}

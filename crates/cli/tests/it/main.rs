@@ -9,6 +9,7 @@ mod audit;
 mod bad_input;
 mod catalog;
 mod connected_accounts;
+mod crash;
 mod health;
 mod interop;
 mod interop_node;

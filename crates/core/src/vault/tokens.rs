@@ -207,8 +207,9 @@ impl Vault {
         let ep = self.endpoints(conn).await?;
         // A refresh of this very token started before and its outcome never committed: the
         // provider may have rotated it and Latchkey lost the answer.
-        let interrupted = current.refresh_started_at.is_some();
+        let mut interrupted = current.refresh_started_at.is_some();
         let mut reread = false;
+        let mut fenced = 0;
         let mut retries = 0u32;
         loop {
             let Some(blob) = current.refresh_token.as_deref() else {
@@ -216,10 +217,26 @@ impl Vault {
             };
             // Keep the window between the provider's answer and the commit visible: a crash
             // inside it leaves this mark, which the next start finds and resolves.
-            self.store
+            if !self
+                .store
                 .mark_refresh_started(&current.id, current.token_version, self.now())
                 .await
-                .map_err(store_err)?;
+                .map_err(store_err)?
+            {
+                // Another writer changed the account since it was read: presenting the older
+                // refresh token could trip the provider's reuse detection. Use the newer one.
+                fenced += 1;
+                let again = self.active_account(&current.id, conn).await?;
+                if fenced > 2 {
+                    return Err(OAuthError::upstream_unavailable(
+                        format!("{} is being refreshed elsewhere; retry shortly", conn.name),
+                        1,
+                    ));
+                }
+                interrupted = again.refresh_started_at.is_some();
+                current = again;
+                continue;
+            }
             let refresh_token = self
                 .keys
                 .open_string(account_slot(&current.id, "refresh_token"), blob)
@@ -248,6 +265,7 @@ impl Vault {
                         && again.token_version != current.token_version
                     {
                         reread = true;
+                        interrupted = false;
                         current = again;
                         continue;
                     }
