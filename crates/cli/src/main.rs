@@ -83,6 +83,12 @@ enum Command {
     /// Manage encryption keys.
     #[command(subcommand, after_help = "Example:\n  latchkey key rotate")]
     Key(KeyCmd),
+    /// Verify, checkpoint and export the tamper-evident audit trail.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  latchkey audit checkpoint --out /mnt/offsite/latchkey-checkpoint.json\n  latchkey audit verify --checkpoint /mnt/offsite/latchkey-checkpoint.json\n  latchkey audit export --after 1000 > audit.jsonl"
+    )]
+    Audit(AuditCmd),
     /// Manage bearer tokens for the admin API (`/api/v1`).
     #[command(
         subcommand,
@@ -351,6 +357,28 @@ enum KeyCmd {
 }
 
 #[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the MAC chain from the first entry to the last, and every checkpoint; names the
+    /// first missing, altered, moved or forged entry and exits 1 if there is one.
+    Verify {
+        /// A checkpoint exported earlier (kept off this machine): also catches a truncated tail.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Sign a checkpoint of the chain's head now and print it (JSON), or write it to a file.
+    Checkpoint {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print entries as JSON Lines, oldest first.
+    Export {
+        /// Only entries with a sequence number above this.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+    },
+}
+
+#[derive(Subcommand)]
 enum ApiTokenCmd {
     /// Create a token and print it (once: only its HMAC is stored).
     Create { name: String },
@@ -385,6 +413,8 @@ fn init_logging(filter: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -905,6 +935,67 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                 "data key v{} is active; {} stored secrets re-encrypted",
                 report.new_version, report.resealed
             );
+        }
+        Command::Audit(AuditCmd::Verify { checkpoint }) => {
+            let extra = match checkpoint {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    Some(
+                        serde_json::from_str::<latchkey_core::model::AuditCheckpoint>(&text)
+                            .with_context(|| format!("{} is not a checkpoint", path.display()))?,
+                    )
+                }
+                None => None,
+            };
+            match vault.verify_audit(extra.as_ref()).await? {
+                Ok(v) => println!(
+                    "audit chain ok: {} entries (last {}), {} checkpoint(s) verified",
+                    v.entries,
+                    v.last_seq.map_or("none".into(), |s| s.to_string()),
+                    v.checkpoints
+                ),
+                Err(b) => {
+                    eprintln!("audit chain BROKEN at entry {}: {}", b.seq, b.why);
+                    std::process::exit(1);
+                }
+            }
+        }
+        Command::Audit(AuditCmd::Checkpoint { out }) => {
+            let Some(cp) = vault.audit_checkpoint().await? else {
+                bail!("the audit trail is empty: nothing to checkpoint");
+            };
+            let json = serde_json::to_string_pretty(&cp)?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, format!("{json}\n"))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    println!(
+                        "checkpoint of entry {} written to {}",
+                        cp.seq,
+                        path.display()
+                    );
+                }
+                None => println!("{json}"),
+            }
+        }
+        Command::Audit(AuditCmd::Export { after }) => {
+            use std::io::Write;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut after = after;
+            loop {
+                let batch = vault.store().audit_range(after, 5_000).await?;
+                let Some(last) = batch.last() else { break };
+                after = last.seq;
+                for e in &batch {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::to_string(&latchkey_core::audit::entry_view(e))?
+                    )?;
+                }
+            }
+            out.flush()?;
         }
         Command::ApiToken(ApiTokenCmd::Create { name }) => {
             let (_, secret) = vault.add_operator_token(&name, &actor).await?;

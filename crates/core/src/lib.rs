@@ -10,6 +10,7 @@
 //! authentication, the privileged-worker token exchange, single-flight upstream refresh, the
 //! connect flow, the registry and key management.
 
+pub mod audit;
 pub mod catalog;
 pub mod clock;
 pub mod error;

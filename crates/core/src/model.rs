@@ -204,6 +204,8 @@ pub struct AuditRecord {
     pub action: String,
     pub connection: Option<String>,
     pub account_id: Option<String>,
+    /// The agent an administrative change is about (the actor, for an agent's own requests).
+    pub agent_id: Option<String>,
     pub scopes: Option<String>,
     /// `allow` or `deny`.
     pub decision: String,
@@ -246,4 +248,17 @@ pub struct OperatorToken {
 pub struct AuditEntry {
     pub seq: i64,
     pub record: AuditRecord,
+    /// The chain MAC (hex); `None` only for entries written before the chain key existed.
+    pub mac: Option<String>,
+}
+
+/// A signed statement that the audit chain held entry `seq` with this MAC at time `at`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditCheckpoint {
+    pub seq: i64,
+    pub mac: String,
+    pub at: i64,
+    /// The Ed25519 public key (base64url) that signed it.
+    pub public_key: String,
+    pub signature: String,
 }

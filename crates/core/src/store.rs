@@ -111,6 +111,32 @@ pub struct RefreshWork {
     pub why: RefreshWhy,
 }
 
+/// A read of the audit trail ([`Store::query_audit`]): every filter that is set must match
+/// (AND); values are compared with what is stored, exactly. Times are Unix seconds.
+#[derive(Clone, Debug, Default)]
+pub struct AuditQuery {
+    /// `subject_user`.
+    pub subject_user: Option<String>,
+    /// The agent as the actor (`actor_type = 'agent'` and `actor_id`) or as the target of an
+    /// administrative change (`agent_id`).
+    pub agent: Option<String>,
+    /// The connection's name.
+    pub connection: Option<String>,
+    /// The exact action, e.g. `token.release`.
+    pub action: Option<String>,
+    /// Actions starting with this, e.g. `account.` (matched literally, no wildcards).
+    pub action_prefix: Option<String>,
+    /// `allow` or `deny`.
+    pub decision: Option<String>,
+    /// Entries at or after this time …
+    pub since: Option<i64>,
+    /// … and strictly before this one.
+    pub until: Option<i64>,
+    /// Only entries with a `seq` below this (the previous page's last entry).
+    pub before_seq: Option<i64>,
+    pub limit: i64,
+}
+
 /// A pending connect request (authorization code + PKCE towards the provider).
 #[derive(Clone, Debug)]
 pub struct ConnectFlow {
@@ -352,9 +378,33 @@ pub trait Store: Send + Sync + 'static {
     /// Mark completed iff `code_hash` is its code and it was not completed before.
     async fn complete_account_connect(&self, id: &str, code_hash: &str) -> StoreResult<bool>;
 
-    // Audit.
+    // Audit. Every audited write computes the entry's chain MAC inside its transaction.
+    /// The chain key, installed by the vault once unsealed. Until then, entries can only be
+    /// written while the chain is empty (the first start's key creation), without a MAC;
+    /// [`Store::chain_unchained_audit`] then seals them.
+    fn install_audit_key(&self, key: std::sync::Arc<crate::audit::AuditKey>);
+    /// From now on, every entry also enqueues an `audit.entry` webhook (the entry as
+    /// [`crate::audit::entry_view`] shows it) in its transaction.
+    fn enable_audit_webhook(&self);
+    /// If no entry has a MAC yet and there is no checkpoint, give every entry one, in order
+    /// (the first start, or a database from before the chain); the number sealed.
+    async fn chain_unchained_audit(&self) -> StoreResult<usize>;
+    /// Entries with `seq > after`, in sequence order, at most `limit`.
+    async fn audit_range(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEntry>>;
+    async fn insert_audit_checkpoint(&self, cp: &AuditCheckpoint) -> StoreResult<()>;
+    /// Stored checkpoints, oldest first.
+    async fn audit_checkpoints(&self) -> StoreResult<Vec<AuditCheckpoint>>;
+    /// The last sequence number of entries written before `at`.
+    async fn audit_seq_before(&self, at: i64) -> StoreResult<Option<i64>>;
+    /// In one transaction: delete the entries up to `through` and append `audit` (the record
+    /// of the pruning). The number deleted.
+    async fn prune_audit(&self, through: i64, audit: &AuditRecord) -> StoreResult<u64>;
     async fn append_audit(&self, audit: &AuditRecord) -> StoreResult<()>;
     async fn list_audit(&self, limit: i64) -> StoreResult<Vec<AuditEntry>>;
+    /// The entries matching every filter of `q`, newest (highest `seq`) first, at most
+    /// `q.limit`; with `q.before_seq`, only entries strictly older than it (cursor paging that
+    /// entries appended meanwhile cannot disturb).
+    async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
 
     // Webhook outbox (entries are enqueued by an audit record's `notify`).
     /// Deliveries due at `now` (neither delivered nor given up), oldest first, at most

@@ -9,6 +9,7 @@
 //! - [`password`]: Argon2id for human passwords (never for machine secrets).
 //! - [`totp`]: RFC 6238 one-time codes for the second factor.
 
+pub mod audit;
 pub mod envelope;
 pub mod jws;
 pub mod keygen;

@@ -42,6 +42,12 @@ pub struct Config {
     /// The HMAC-SHA256 key that signs webhooks (at least 32 characters). Prefer
     /// `LATCHKEY_WEBHOOK_SECRET_FILE`.
     pub webhook_secret: Option<String>,
+    /// Delete audit entries older than this many days (after signing a checkpoint that covers
+    /// them); 0 keeps everything.
+    pub audit_retention_days: u32,
+    /// Also send every audit entry to `webhook_url` (event `audit.entry`), at least once,
+    /// off the request path.
+    pub audit_webhook: bool,
 }
 
 impl Default for Config {
@@ -61,6 +67,8 @@ impl Default for Config {
             agent_requests_per_minute: 0,
             webhook_url: None,
             webhook_secret: None,
+            audit_retention_days: 0,
+            audit_webhook: false,
         }
     }
 }
@@ -87,6 +95,9 @@ impl Config {
 
     /// The webhook destination and key, checked: both or neither.
     pub fn webhook(&self) -> Result<Option<(String, String)>, String> {
+        if self.audit_webhook && self.webhook_url.is_none() {
+            return Err("audit_webhook needs webhook_url".into());
+        }
         match (&self.webhook_url, &self.webhook_secret) {
             (None, None) => Ok(None),
             (Some(url), Some(secret)) => {

@@ -58,6 +58,7 @@ pub struct Server {
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     router: axum::Router,
+    audit_retention_days: u32,
 }
 
 /// The issuer for a server listening on `addr`.
@@ -90,6 +91,7 @@ pub async fn open_vault(
         .map(|(url, secret)| latchkey_core::vault::WebhookConfig {
             url,
             secret: secret.into(),
+            audit_entries: config.audit_webhook,
         });
     let store = SqliteStore::open(&db_path)
         .await
@@ -196,6 +198,7 @@ impl Server {
             listener,
             tls: tls.map(|t| t.server_config),
             router,
+            audit_retention_days: config.audit_retention_days,
         })
     }
 
@@ -211,6 +214,7 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let vault = self.vault.clone();
+        let retention = i64::from(self.audit_retention_days) * 86_400;
         // Housekeeping every minute: purge expired single-use identifiers, sessions and connect
         // flows; reload signing keys.
         let purger = tokio::spawn(async move {
@@ -219,6 +223,17 @@ impl Server {
                 tick.tick().await;
                 if let Err(e) = vault.store().purge_expired_jtis(vault.now()).await {
                     tracing::warn!(error = %e, "purging expired identifiers failed");
+                }
+                if retention > 0 {
+                    match vault.prune_audit(vault.now() - retention).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(entries = n, "old audit entries pruned"),
+                        Err(e) => tracing::warn!(code = e.code, "pruning the audit trail failed"),
+                    }
+                }
+                // A signed checkpoint of the audit chain every ten minutes while it grows.
+                if let Err(e) = vault.periodic_audit_checkpoint(600).await {
+                    tracing::warn!(code = e.code, "writing an audit checkpoint failed");
                 }
                 // Pick up a signing-key rotation made by `latchkey key rotate --signing`.
                 if let Err(e) = vault.reload_signing_keys().await {

@@ -229,7 +229,7 @@ async fn every_documented_route_refuses_without_a_valid_token() {
     let ops = documented_operations(&served.body);
     assert_eq!(
         ops.len(),
-        11,
+        12,
         "{:?}",
         ops.iter().map(|o| &o.1).collect::<Vec<_>>()
     );
@@ -271,7 +271,7 @@ async fn every_documented_route_refuses_without_a_valid_token() {
             );
         }
     }
-    assert_eq!(protected, 10);
+    assert_eq!(protected, 11);
     // Nothing was changed by any of it.
     assert_eq!(audit_len(&ts).await, audit, "no audit entry, no change");
     let stored = ts

@@ -49,7 +49,7 @@ impl Receiver {
     }
 }
 
-async fn server_with_webhook() -> (TestServer, Receiver) {
+async fn server_with_webhook(audit_webhook: bool) -> (TestServer, Receiver) {
     let (url, rx) = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = latchkey_server::Config {
@@ -57,6 +57,7 @@ async fn server_with_webhook() -> (TestServer, Receiver) {
         listen: "127.0.0.1:0".into(),
         webhook_url: Some(url),
         webhook_secret: Some(SECRET.into()),
+        audit_webhook,
         ..Default::default()
     };
     (TestServer::start_with(dir, config).await, rx)
@@ -99,7 +100,7 @@ fn assert_signed(h: &HeaderMap, body: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_report_failure_and_recovery_signed_and_retried() {
-    let (ts, rx) = server_with_webhook().await;
+    let (ts, rx) = server_with_webhook(false).await;
     let account = ts.connect_demo_account().await;
     ts.post_form(&ts.exchange_params()).await.token();
     assert!(rx.requests().is_empty(), "a first connect is no event");
@@ -176,7 +177,7 @@ async fn webhooks_report_failure_and_recovery_signed_and_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_never_answers_is_given_up_after_bounded_retries() {
-    let (ts, rx) = server_with_webhook().await;
+    let (ts, rx) = server_with_webhook(false).await;
     let account = ts.connect_demo_account().await;
     let refresh = ts.stored_refresh_token(&account).await;
     ts.demo_client_post(
@@ -281,4 +282,55 @@ async fn idle_accounts_are_kept_alive_on_their_connections_interval() {
     assert_eq!(ts.demo.stats().refresh_grants, before + 1);
     // The stored pair still works.
     ts.post_form(&ts.exchange_params()).await.token();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_audit_entry_can_go_to_the_webhook() {
+    let (ts, rx) = server_with_webhook(true).await;
+    let pool = ts.sql_pool().await;
+    let max = || async {
+        sqlx::query_scalar::<_, i64>("SELECT MAX(seq) FROM audit_events")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    // The first start's key creation comes before the webhook is set up; the rest is sent.
+    let first = max().await;
+    let outbox = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM webhook_outbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let before = outbox().await as usize;
+    ts.connect_demo_account().await;
+    let token = ts.post_form(&ts.exchange_params()).await.token().to_owned();
+    let last = max().await;
+    deliver_until(&ts, &rx, before + (last - first) as usize).await;
+    let got = rx.requests();
+    let mut seqs = Vec::new();
+    for (h, body) in &got {
+        assert_eq!(header(h, "latchkey-event"), "audit.entry");
+        assert_signed(h, body);
+        assert!(!body.contains(&token), "no token in the audit sink");
+        let e: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(e["mac"].as_str().map(str::len), Some(64), "{e}");
+        seqs.push(e["seq"].as_i64().unwrap());
+    }
+    seqs.sort_unstable();
+    let sent: Vec<i64> = seqs.iter().copied().filter(|s| *s > first).collect();
+    assert_eq!(
+        sent,
+        (first + 1..=last).collect::<Vec<_>>(),
+        "each entry once"
+    );
+    seqs.dedup();
+    assert_eq!(seqs.len(), got.len(), "no entry sent twice");
+    let release = got
+        .iter()
+        .map(|(_, b)| serde_json::from_str::<serde_json::Value>(b).unwrap())
+        .find(|e| e["action"] == "token.release")
+        .expect("the release is sent");
+    assert_eq!(release["actor"]["type"], "agent");
+    assert_eq!(release["target"]["connection"], "demo-git");
 }

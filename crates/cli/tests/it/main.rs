@@ -6,6 +6,8 @@ mod harness;
 mod admin_api;
 mod at_rest;
 mod audit;
+mod audit_api;
+mod audit_coverage;
 mod bad_input;
 mod catalog;
 mod connected_accounts;

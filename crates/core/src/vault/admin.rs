@@ -124,6 +124,7 @@ impl Vault {
             })
             .collect();
         let audit = AuditRecord {
+            agent_id: Some(agent.id.clone()),
             reason: Some(format!(
                 "{} key(s), secret: {}, redirect URIs: {}",
                 rows.len(),
@@ -174,6 +175,7 @@ impl Vault {
         };
         let audit = AuditRecord {
             connection: Some(conn.name),
+            agent_id: Some(grant.agent_id.clone()),
             scopes: Some(grant.scopes.to_string_spaced()),
             reason: Some(format!("grant to {}", grant.agent_id)),
             ..self.audit(actor, "grant.upsert")
@@ -188,6 +190,19 @@ impl Vault {
         &self,
         account_id: &str,
         actor: &Actor,
+    ) -> Result<RevokeOutcome, AdminError> {
+        self.revoke_account_noted(account_id, actor, None, &RequestContext::default())
+            .await
+    }
+
+    /// [`Vault::revoke_account`], with a note for the audit entry (how the actor came) and the
+    /// request it was made in.
+    pub(super) async fn revoke_account_noted(
+        &self,
+        account_id: &str,
+        actor: &Actor,
+        note: Option<String>,
+        ctx: &RequestContext,
     ) -> Result<RevokeOutcome, AdminError> {
         let account =
             self.store.account_by_id(account_id).await?.ok_or_else(|| {
@@ -206,7 +221,8 @@ impl Vault {
             subject_user: Some(account.user_id.clone()),
             connection: conn.as_ref().map(|c| c.name.clone()),
             account_id: Some(account.id.clone()),
-            ..self.audit(actor, "account.revoke")
+            reason: note,
+            ..self.audit_in(actor, "account.revoke", ctx)
         };
         self.store.revoke_account(&account.id, &audit).await?;
         let mut upstream_revoked = false;
@@ -233,6 +249,7 @@ impl Vault {
         actor: &Actor,
     ) -> Result<(), AdminError> {
         let audit = AuditRecord {
+            agent_id: Some(agent_id.to_owned()),
             reason: Some(format!(
                 "{agent_id} {}",
                 if disabled { "disabled" } else { "enabled" }
@@ -271,6 +288,7 @@ impl Vault {
             .ok_or_else(|| AdminError::NotFound(format!("no connection `{connection}`")))?;
         let audit = AuditRecord {
             connection: Some(conn.name.clone()),
+            agent_id: Some(agent_id.to_owned()),
             reason: Some(format!("grant of {agent_id} removed")),
             ..self.audit(actor, "grant.delete")
         };

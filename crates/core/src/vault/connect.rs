@@ -119,6 +119,27 @@ impl Vault {
         code: &str,
         iss: Option<&str>,
     ) -> Result<ConnectDone, OAuthError> {
+        self.connect_finish_in(
+            user_id,
+            connection,
+            state,
+            code,
+            iss,
+            &RequestContext::default(),
+        )
+        .await
+    }
+
+    /// [`Vault::connect_finish`] in an HTTP request (its id and address go in the audit entry).
+    pub async fn connect_finish_in(
+        &self,
+        user_id: &str,
+        connection: &str,
+        state: &str,
+        code: &str,
+        iss: Option<&str>,
+        ctx: &RequestContext,
+    ) -> Result<ConnectDone, OAuthError> {
         let state_hash = secrets::sha256_b64(state.as_bytes());
         let flow = self
             .store
@@ -226,7 +247,7 @@ impl Vault {
             notify: recovered
                 .then(|| self.account_event("account.recovered", &account, &conn, None))
                 .flatten(),
-            ..self.audit(&Actor::user(user_id), "account.connect")
+            ..self.audit_in(&Actor::user(user_id), "account.connect", ctx)
         };
         let id = self
             .store

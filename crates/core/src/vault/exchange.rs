@@ -11,6 +11,74 @@ pub(super) struct AuthenticatedClient {
     assertion_jti: Option<JtiUse>,
 }
 
+/// What a token request had shown by the time it was refused: the facts for the refusal's
+/// audit entry. Filled as the request is checked; read only when it fails.
+#[derive(Default)]
+pub(super) struct Attempt {
+    /// Client authentication has started (and failed, while `client` is `None`).
+    authenticating: bool,
+    /// The authenticated client and how it authenticated.
+    client: Option<(String, &'static str)>,
+    pub(super) subject_user: Option<String>,
+    pub(super) connection: Option<String>,
+    pub(super) account_id: Option<String>,
+    pub(super) scopes: Option<String>,
+    audit_context: Option<String>,
+}
+
+impl Attempt {
+    /// A request whose client authentication failed before anything else was learnt.
+    pub(super) fn failed_authentication() -> Self {
+        Self {
+            authenticating: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// Longest reason (error code and description) recorded for a refusal; descriptions can echo
+/// request parameters, so they are cut.
+const MAX_REFUSAL_REASON: usize = 300;
+/// Longest claimed client id recorded for a failed client authentication.
+const MAX_CLAIMED_ID: usize = 64;
+
+fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// The client a request claims to be (unverified) and the authentication methods it tried:
+/// what a failed client authentication is recorded as. Never a secret: an assertion's `iss`
+/// is only read when no `client_id` names the client.
+fn claimed_client(params: &Params, basic: Option<&BasicCredentials>) -> (String, String) {
+    let tried: Vec<&str> = [
+        (basic.is_some(), "client_secret_basic"),
+        (params.get("client_secret").is_some(), "client_secret_post"),
+        (params.get("client_assertion").is_some(), "private_key_jwt"),
+    ]
+    .into_iter()
+    .filter_map(|(used, name)| used.then_some(name))
+    .collect();
+    let method = if tried.is_empty() {
+        "none".to_owned()
+    } else {
+        tried.join("+")
+    };
+    let id = basic
+        .map(|b| b.client_id.clone())
+        .or_else(|| params.get("client_id").map(str::to_owned))
+        .or_else(|| {
+            params
+                .get("client_assertion")
+                .and_then(|a| peek_str_claim(a, "iss"))
+        })
+        .map(|id| cut(&id, MAX_CLAIMED_ID))
+        .unwrap_or_else(|| "unknown".to_owned());
+    (id, method)
+}
+
 impl Vault {
     /// `POST /oauth/token`.
     pub async fn token(
@@ -19,23 +87,85 @@ impl Vault {
         basic: Option<BasicCredentials>,
         ctx: &RequestContext,
     ) -> Result<TokenResponse, OAuthError> {
-        let result = self.token_inner(params, basic, ctx).await;
+        let mut attempt = Attempt::default();
+        let result = self
+            .token_inner(params, basic.as_ref(), ctx, &mut attempt)
+            .await;
         let outcome = match &result {
             Ok(_) => "released",
             Err(e) => e.code,
         };
         metrics::counter!("latchkey_exchanges_total", "outcome" => outcome).increment(1);
+        if let Err(e) = &result {
+            self.audit_refusal(e, attempt, params, basic.as_ref(), ctx)
+                .await;
+        }
         result
+    }
+
+    /// The audit entry of a refused token request (or a failed client authentication at
+    /// `/oauth/revoke`): written on its own, since a refusal changes nothing. Client mistakes
+    /// and policy refusals only: a storage or provider failure decided nothing. If it cannot
+    /// be written, the client still gets its error; the failure is logged.
+    pub(super) async fn audit_refusal(
+        &self,
+        e: &OAuthError,
+        attempt: Attempt,
+        params: &Params,
+        basic: Option<&BasicCredentials>,
+        ctx: &RequestContext,
+    ) {
+        if e.source != crate::error::ErrorSource::Client {
+            return;
+        }
+        let client_failed =
+            e.code == "invalid_client" || (attempt.authenticating && attempt.client.is_none());
+        let (actor_id, method) = match attempt.client {
+            Some((id, method)) => (id, method.to_owned()),
+            None => claimed_client(params, basic),
+        };
+        let audit = AuditRecord {
+            at: self.now(),
+            actor_type: "agent".into(),
+            agent_id: (actor_id != "unknown").then(|| actor_id.clone()),
+            actor_id,
+            auth_method: method,
+            subject_user: attempt.subject_user,
+            action: if client_failed {
+                "client.authenticate"
+            } else {
+                "token.deny"
+            }
+            .into(),
+            connection: attempt.connection,
+            account_id: attempt.account_id,
+            scopes: attempt.scopes,
+            decision: "deny".into(),
+            reason: Some(cut(
+                &format!("{}: {}", e.code, e.description),
+                MAX_REFUSAL_REASON,
+            )),
+            audit_context: attempt.audit_context,
+            request_id: ctx.request_id.clone(),
+            client_ip: ctx.client_ip.map(|ip| ip.to_string()),
+            notify: None,
+        };
+        if let Err(err) = self.store.append_audit(&audit).await {
+            tracing::warn!(error = %err, action = %audit.action, "the audit entry of a refused request could not be written");
+        }
     }
 
     async fn token_inner(
         &self,
         params: &Params,
-        basic: Option<BasicCredentials>,
+        basic: Option<&BasicCredentials>,
         ctx: &RequestContext,
+        attempt: &mut Attempt,
     ) -> Result<TokenResponse, OAuthError> {
         let grant_type = params.require("grant_type")?;
+        attempt.authenticating = true;
         let client = self.authenticate_client(params, basic).await?;
+        attempt.client = Some((client.agent.id.clone(), client.method));
         if let Err(retry_after) = self.rate.check(
             &client.agent.id,
             self.config.agent_requests_per_minute,
@@ -50,12 +180,16 @@ impl Vault {
             ));
         }
         match grant_type {
-            GRANT_TOKEN_VAULT => self.token_vault_exchange(params, client, ctx).await,
+            GRANT_TOKEN_VAULT => {
+                self.token_vault_exchange(params, client, ctx, attempt)
+                    .await
+            }
             "authorization_code" if !client.agent.redirect_uris.is_empty() => {
-                self.code_grant(params, &client.agent).await
+                self.code_grant(params, &client.agent, ctx, attempt).await
             }
             "refresh_token" if !client.agent.redirect_uris.is_empty() => {
-                self.refresh_grant(params, &client.agent).await
+                self.refresh_grant(params, &client.agent, ctx, attempt)
+                    .await
             }
             "authorization_code" | "refresh_token" => Err(OAuthError::unauthorized_client(
                 "this client is not an app with redirect URIs",
@@ -69,7 +203,7 @@ impl Vault {
     pub(super) async fn authenticate_client(
         &self,
         params: &Params,
-        basic: Option<BasicCredentials>,
+        basic: Option<&BasicCredentials>,
     ) -> Result<AuthenticatedClient, OAuthError> {
         let body_secret = params.get("client_secret");
         let assertion = params.get("client_assertion");
@@ -241,7 +375,9 @@ impl Vault {
         params: &Params,
         client: AuthenticatedClient,
         ctx: &RequestContext,
+        attempt: &mut Attempt,
     ) -> Result<TokenResponse, OAuthError> {
+        attempt.scopes = params.get("scope").map(|s| cut(s, MAX_REFUSAL_REASON));
         let subject_token = params.require("subject_token")?;
         let subject_type = params.require("subject_token_type")?;
         let requested = params.require("requested_token_type")?;
@@ -292,7 +428,7 @@ impl Vault {
             // A present user, through the app they signed in to: the app's own refresh token.
             TOKEN_TYPE_REFRESH => {
                 let hash = secrets::sha256_b64(subject_token.as_bytes());
-                let family = self.live_refresh_token(&hash, agent).await?;
+                let family = self.live_refresh_token(&hash, agent, ctx).await?;
                 Subject {
                     user_id: family.user_id,
                     audit_context: None,
@@ -326,6 +462,8 @@ impl Vault {
                 )));
             }
         };
+        attempt.subject_user = Some(subject.user_id.clone());
+        attempt.audit_context.clone_from(&subject.audit_context);
 
         // Policy: deny unless a grant covers (agent, connection, scopes) and the address.
         let connection = self
@@ -338,6 +476,7 @@ impl Vault {
                     "connection `{connection_name}` does not exist"
                 ))
             })?;
+        attempt.connection = Some(connection.name.clone());
         let grant = self
             .store
             .grant_for(&agent.id, &connection.id)
@@ -389,6 +528,7 @@ impl Vault {
         let account = self
             .pick_account(&user.id, &connection, params.get("login_hint"))
             .await?;
+        attempt.account_id = Some(account.id.clone());
         let scope = if params.get("scope").is_some() {
             if !wanted.is_subset(&account.scopes) {
                 return Err(OAuthError::invalid_scope(format!(
@@ -435,6 +575,7 @@ impl Vault {
             action: "token.release".into(),
             connection: Some(connection.name.clone()),
             account_id: Some(account.id.clone()),
+            agent_id: Some(agent.id.clone()),
             scopes: Some(scope.to_string_spaced()),
             decision: "allow".into(),
             reason: Some(format!(

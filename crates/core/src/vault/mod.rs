@@ -35,6 +35,7 @@ use crate::store::{
 use crate::upstream::{Endpoints, Upstream, UpstreamError, UpstreamTokens};
 
 mod admin;
+mod audit;
 mod connect;
 mod exchange;
 mod my_account;
@@ -44,6 +45,7 @@ mod users;
 mod webhooks;
 
 pub use admin::{AdminError, NewClient, OPERATOR_TOKEN_PREFIX, RevokeOutcome};
+pub use audit::AuditVerification;
 pub use connect::ConnectDone;
 pub use exchange::parse_cidr;
 pub use my_account::Problem;
@@ -207,6 +209,8 @@ fn key_err(e: KeyError) -> OAuthError {
 }
 
 const PEPPER_NAME: &str = "client_secret_pepper";
+const AUDIT_CHAIN_KEY: &str = "audit_chain_key";
+const AUDIT_CHECKPOINT_KEY: &str = "audit_checkpoint_key";
 
 pub struct Vault {
     pub config: VaultConfig,
@@ -220,6 +224,9 @@ pub struct Vault {
     refresh_locks: RefreshLocks,
     rate: crate::rate::RateLimiter,
     login_failures: crate::rate::FailureLimiter,
+    /// Signs audit checkpoints.
+    checkpoints: latchkey_crypto::audit::CheckpointSigner,
+    audit_key: Arc<crate::audit::AuditKey>,
 }
 
 impl Vault {
@@ -238,8 +245,25 @@ impl Vault {
             .await?;
         let signing =
             std::sync::RwLock::new(Arc::new(SigningKeys::load(&keys, store.as_ref()).await?));
+        // The audit chain: its MAC key and the checkpoint signing key, sealed under the KEK.
+        let chain_key = keys
+            .server_secret(AUDIT_CHAIN_KEY, || secrets::random_bytes(32))
+            .await?;
+        let audit_key = Arc::new(crate::audit::AuditKey(chain_key));
+        store.install_audit_key(audit_key.clone());
+        store.chain_unchained_audit().await?;
+        if config.webhook.as_ref().is_some_and(|w| w.audit_entries) {
+            store.enable_audit_webhook();
+        }
+        let seed = keys
+            .server_secret(AUDIT_CHECKPOINT_KEY, || secrets::random_bytes(32))
+            .await?;
+        let checkpoints = latchkey_crypto::audit::CheckpointSigner::from_seed(&seed)
+            .map_err(|e| KeyError::Store(StoreError::Unavailable(e)))?;
         Ok(Self {
             signing,
+            checkpoints,
+            audit_key,
             config,
             store,
             clock,
@@ -269,6 +293,15 @@ impl Vault {
             action: action.into(),
             decision: "allow".into(),
             ..Default::default()
+        }
+    }
+
+    /// [`Vault::audit`] for a change made in an HTTP request: with its request id and address.
+    fn audit_in(&self, actor: &Actor, action: &str, ctx: &RequestContext) -> AuditRecord {
+        AuditRecord {
+            request_id: ctx.request_id.clone(),
+            client_ip: ctx.client_ip.map(|ip| ip.to_string()),
+            ..self.audit(actor, action)
         }
     }
 

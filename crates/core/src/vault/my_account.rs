@@ -538,14 +538,26 @@ impl Vault {
 
     /// `DELETE /me/v1/connected-accounts/accounts/{id}`: the user's own accounts only; the
     /// provider is asked to revoke too (Auth0 only forgets).
-    pub async fn my_account_delete(&self, token: &AccessToken, id: &str) -> Result<(), Problem> {
+    pub async fn my_account_delete(
+        &self,
+        token: &AccessToken,
+        id: &str,
+        ctx: &RequestContext,
+    ) -> Result<(), Problem> {
         let account = self.store.account_by_id(id).await.map_err(store_err)?;
         if !account
             .is_some_and(|a| a.user_id == token.user_id && a.status != AccountStatus::Revoked)
         {
             return Err(Problem::new(404, "Not Found", "no such connected account"));
         }
-        self.revoke_account(id, &Actor::user(&token.user_id))
+        // The user, through an app holding their My Account access token.
+        let actor = Actor {
+            kind: "user",
+            id: token.user_id.clone(),
+            method: "access_token",
+        };
+        let note = format!("disconnected through {}", token.client_id);
+        self.revoke_account_noted(id, &actor, Some(note), ctx)
             .await
             .map_err(|e| match e {
                 AdminError::NotFound(d) => Problem::new(404, "Not Found", d),

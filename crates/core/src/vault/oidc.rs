@@ -271,6 +271,8 @@ impl Vault {
         &self,
         params: &Params,
         client: &Agent,
+        ctx: &RequestContext,
+        attempt: &mut super::exchange::Attempt,
     ) -> Result<TokenResponse, OAuthError> {
         let code = params.require("code")?;
         let redirect_uri = params.require("redirect_uri")?;
@@ -285,7 +287,7 @@ impl Vault {
             CodeRedemption::Reused { family_id } => {
                 // A replayed code may be a stolen one: revoke what the first use obtained.
                 if let Some(family) = family_id {
-                    self.revoke_family(&family, client, "authorization code replayed")
+                    self.revoke_family(&family, client, "authorization code replayed", ctx)
                         .await?;
                 }
                 return Err(OAuthError::invalid_grant(
@@ -301,6 +303,7 @@ impl Vault {
                 "the authorization code was issued to another client",
             ));
         }
+        attempt.subject_user = Some(record.user_id.clone());
         if record.expires_at <= self.now() {
             return Err(OAuthError::invalid_grant(
                 "the authorization code has expired",
@@ -352,15 +355,17 @@ impl Vault {
             .then(|| secrets::random_token(32));
         let audit = AuditRecord {
             subject_user: Some(user.id.clone()),
+            agent_id: Some(client.id.clone()),
             scopes: Some(record.scope.to_string_spaced()),
             reason: Some(format!("authorization code; family {}", family.id)),
-            ..self.audit(
+            ..self.audit_in(
                 &Actor {
                     kind: "agent",
                     id: client.id.clone(),
                     method: "authorization_code",
                 },
                 "token.issue",
+                ctx,
             )
         };
         let refresh_hash = refresh
@@ -388,10 +393,14 @@ impl Vault {
         &self,
         params: &Params,
         client: &Agent,
+        ctx: &RequestContext,
+        attempt: &mut super::exchange::Attempt,
     ) -> Result<TokenResponse, OAuthError> {
         let token = params.require("refresh_token")?;
         let hash = secrets::sha256_b64(token.as_bytes());
-        let family = self.live_refresh_token(&hash, client).await?;
+        let family = self.live_refresh_token(&hash, client, ctx).await?;
+        attempt.subject_user = Some(family.user_id.clone());
+        attempt.scopes = params.get("scope").map(str::to_owned);
         let my_account = format!("{}me/", self.config.issuer);
         let audience = match params.get("audience") {
             None | Some("None") => self.config.issuer.clone(),
@@ -449,15 +458,17 @@ impl Vault {
         };
         let audit = AuditRecord {
             subject_user: Some(user.id.clone()),
+            agent_id: Some(client.id.clone()),
             scopes: Some(scope.to_string_spaced()),
             reason: Some(format!("refresh for {audience}; family {}", family.id)),
-            ..self.audit(
+            ..self.audit_in(
                 &Actor {
                     kind: "agent",
                     id: client.id.clone(),
                     method: "refresh_token",
                 },
                 "token.issue",
+                ctx,
             )
         };
         self.store.append_audit(&audit).await.map_err(store_err)?;
@@ -498,6 +509,7 @@ impl Vault {
         &self,
         hash: &str,
         client: &Agent,
+        ctx: &RequestContext,
     ) -> Result<TokenFamily, OAuthError> {
         let record = self
             .store
@@ -514,8 +526,13 @@ impl Vault {
             return Err(OAuthError::invalid_grant("the refresh token was revoked"));
         }
         if record.state != "active" {
-            self.revoke_family(&record.family.id, client, "rotated refresh token reused")
-                .await?;
+            self.revoke_family(
+                &record.family.id,
+                client,
+                "rotated refresh token reused",
+                ctx,
+            )
+            .await?;
             return Err(OAuthError::invalid_grant(
                 "the refresh token was already used; every token of its sign-in is now revoked",
             ));
@@ -523,21 +540,35 @@ impl Vault {
         Ok(record.family)
     }
 
+    /// Revoke a sign-in's token family, once: a family already revoked is left alone, so a
+    /// replayed code or token cannot make the vault write an entry per replay.
     async fn revoke_family(
         &self,
         family_id: &str,
         client: &Agent,
         why: &str,
+        ctx: &RequestContext,
     ) -> Result<(), OAuthError> {
+        let family = self
+            .store
+            .token_family(family_id)
+            .await
+            .map_err(store_err)?;
+        let Some(family) = family.filter(|f| !f.revoked) else {
+            return Ok(());
+        };
         let audit = AuditRecord {
+            subject_user: Some(family.user_id.clone()),
+            agent_id: Some(client.id.clone()),
             reason: Some(format!("family {family_id}: {why}")),
-            ..self.audit(
+            ..self.audit_in(
                 &Actor {
                     kind: "agent",
                     id: client.id.clone(),
                     method: "token",
                 },
                 "token.revoke",
+                ctx,
             )
         };
         self.store
@@ -662,8 +693,17 @@ impl Vault {
         &self,
         params: &Params,
         basic: Option<BasicCredentials>,
+        ctx: &RequestContext,
     ) -> Result<(), OAuthError> {
-        let client = self.authenticate_client(params, basic).await?.agent;
+        let client = match self.authenticate_client(params, basic.as_ref()).await {
+            Ok(c) => c.agent,
+            Err(e) => {
+                let attempt = super::exchange::Attempt::failed_authentication();
+                self.audit_refusal(&e, attempt, params, basic.as_ref(), ctx)
+                    .await;
+                return Err(e);
+            }
+        };
         let token = params.require("token")?;
         let hash = secrets::sha256_b64(token.as_bytes());
         let family = match self.store.refresh_token(&hash).await.map_err(store_err)? {
@@ -681,7 +721,7 @@ impl Vault {
             },
         };
         if let Some(f) = family.filter(|f| f.client_id == client.id && !f.revoked) {
-            self.revoke_family(&f.id, &client, "revoked by the client")
+            self.revoke_family(&f.id, &client, "revoked by the client", ctx)
                 .await?;
         }
         Ok(())

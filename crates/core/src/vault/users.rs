@@ -221,6 +221,7 @@ impl Vault {
         method: &'static str,
         failure: Option<&str>,
         keys: &[(String, u32)],
+        ctx: &RequestContext,
     ) -> Result<(), OAuthError> {
         if failure.is_some() {
             for (k, _) in keys {
@@ -231,13 +232,14 @@ impl Vault {
             subject_user: user.map(|u| u.id.clone()),
             decision: if failure.is_none() { "allow" } else { "deny" }.into(),
             reason: failure.map(str::to_owned),
-            ..self.audit(
+            ..self.audit_in(
                 &Actor {
                     kind: "user",
                     id: who.chars().take(64).collect(),
                     method,
                 },
                 "user.login",
+                ctx,
             )
         };
         self.store.append_audit(&audit).await.map_err(store_err)
@@ -249,11 +251,11 @@ impl Vault {
         &self,
         username: &str,
         password: &str,
-        ip: Option<IpAddr>,
+        ctx: &RequestContext,
     ) -> Result<SignIn, OAuthError> {
-        let keys = Self::throttle_keys(username, ip);
+        let keys = Self::throttle_keys(username, ctx.client_ip);
         if let Some(wait) = self.throttled(&keys) {
-            self.record_sign_in(username, None, "password", Some("throttled"), &[])
+            self.record_sign_in(username, None, "password", Some("throttled"), &[], ctx)
                 .await?;
             return Ok(SignIn::Throttled(wait));
         }
@@ -280,6 +282,7 @@ impl Vault {
                 "password",
                 Some("wrong username or password"),
                 &keys,
+                ctx,
             )
             .await?;
             return Ok(SignIn::Failed);
@@ -288,7 +291,7 @@ impl Vault {
             let token = self.new_session(&user.id, "pwd", true, PENDING_TTL).await?;
             return Ok(SignIn::TotpRequired(token));
         }
-        self.record_sign_in(username, Some(&user), "password", None, &keys)
+        self.record_sign_in(username, Some(&user), "password", None, &keys, ctx)
             .await?;
         Ok(SignIn::Session(
             self.new_session(&user.id, "pwd", false, self.config.session_ttl)
@@ -302,7 +305,7 @@ impl Vault {
         &self,
         pending_token: &str,
         code: &str,
-        ip: Option<IpAddr>,
+        ctx: &RequestContext,
     ) -> Result<SignIn, OAuthError> {
         let Some(pending) = self.session(pending_token).await?.filter(|s| s.pending_mfa) else {
             return Ok(SignIn::Failed);
@@ -315,8 +318,17 @@ impl Vault {
         let Some(user) = user.filter(|u| u.totp_enabled) else {
             return Ok(SignIn::Failed);
         };
-        let keys = Self::throttle_keys(&user.username, ip);
+        let keys = Self::throttle_keys(&user.username, ctx.client_ip);
         if let Some(wait) = self.throttled(&keys) {
+            self.record_sign_in(
+                &user.username,
+                Some(&user),
+                "password+totp",
+                Some("throttled"),
+                &[],
+                ctx,
+            )
+            .await?;
             return Ok(SignIn::Throttled(wait));
         }
         let sealed = user.totp_seed.clone().unwrap_or_default();
@@ -334,13 +346,21 @@ impl Vault {
                 "password+totp",
                 Some("wrong TOTP code"),
                 &keys,
+                ctx,
             )
             .await?;
             return Ok(SignIn::Failed);
         }
         self.end_session(pending_token).await?;
-        self.record_sign_in(&user.username, Some(&user), "password+totp", None, &keys)
-            .await?;
+        self.record_sign_in(
+            &user.username,
+            Some(&user),
+            "password+totp",
+            None,
+            &keys,
+            ctx,
+        )
+        .await?;
         Ok(SignIn::Session(
             self.new_session(&user.id, "pwd otp", false, self.config.session_ttl)
                 .await?,

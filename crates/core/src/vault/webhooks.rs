@@ -22,6 +22,8 @@ const CLAIM_SECS: i64 = 60;
 pub struct WebhookConfig {
     pub url: String,
     pub secret: SecretString,
+    /// Also send every audit entry (`audit.entry`).
+    pub audit_entries: bool,
 }
 
 /// What one delivery pass did.

@@ -17,11 +17,13 @@ use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use latchkey_core::OAuthError;
 use latchkey_core::catalog;
 use latchkey_core::model::{AccountStatus, Agent, ConnectedAccount, Connection, Grant};
 use latchkey_core::scope::Scopes;
-use latchkey_core::store::StoreError;
+use latchkey_core::store::{AuditQuery, StoreError};
 use latchkey_core::vault::{Actor, AdminError, Problem};
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
@@ -50,6 +52,7 @@ pub fn router() -> Router<AppState> {
         .route("/agents/{id}/disable", post(disable_agent))
         .route("/agents/{id}/enable", post(enable_agent))
         .route("/agents/{id}/grants/{connection}", delete(remove_grant))
+        .route("/audit", get(read_audit))
         .fallback(unknown_route)
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
         // Outermost: axum's and tower's own refusals (405, 413, …) become problems too.
@@ -347,6 +350,40 @@ fn agent_view(a: Agent, grants: &[Grant], connections: &[Connection]) -> AgentVi
     }
 }
 
+/// The audit page cursor: opaque to clients, it names the last entry of the page before.
+fn audit_cursor(seq: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("s{seq}"))
+}
+
+fn audit_cursor_seq(cursor: &str) -> Option<i64> {
+    let raw = URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let digits = std::str::from_utf8(&raw).ok()?.strip_prefix('s')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<i64>().ok().filter(|s| *s > 0)
+}
+
+/// A `since`/`until` value: RFC 3339 with an offset (`2025-06-01T12:00:00Z`), to the second
+/// (a fraction is dropped).
+fn audit_time(q: &HashMap<String, String>, field: &str) -> Result<Option<i64>, ApiError> {
+    q.get(field)
+        .map(|v| {
+            time::OffsetDateTime::parse(v, &Rfc3339)
+                .map(|t| t.unix_timestamp())
+                .map_err(|_| {
+                    invalid(
+                        field,
+                        "must be an RFC 3339 timestamp, e.g. `2025-06-01T12:00:00Z`",
+                    )
+                })
+        })
+        .transpose()
+}
+
+const AUDIT_DEFAULT_LIMIT: i64 = 100;
+const AUDIT_MAX_LIMIT: i64 = 500;
+
 // --- handlers -------------------------------------------------------------------------------
 
 pub async fn openapi() -> Response {
@@ -586,4 +623,99 @@ async fn remove_grant(
     query(&uri, &[])?;
     s.vault.remove_grant(&id, &connection, &actor).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /audit?user=&agent=&connection=&action=&decision=&since=&until=&limit=&cursor=`: the
+/// audit trail, newest first, one page at a time. `next_cursor` continues strictly below the
+/// page's last entry, so entries appended meanwhile never shift the walk (they appear on a
+/// fresh first page).
+async fn read_audit(_: Operator, State(s): State<AppState>, uri: Uri) -> ApiResult {
+    let q = query(
+        &uri,
+        &[
+            "user",
+            "agent",
+            "connection",
+            "action",
+            "decision",
+            "since",
+            "until",
+            "limit",
+            "cursor",
+        ],
+    )?;
+    // `account.*` is every action starting with `account.`; `*` means nothing anywhere else.
+    let (action, action_prefix) = match q.get("action") {
+        None => (None, None),
+        Some(a) if !a.contains('*') => (Some(a.clone()), None),
+        Some(a) => match a.strip_suffix(".*") {
+            Some(stem) if !stem.is_empty() && !stem.contains('*') => {
+                (None, Some(format!("{stem}.")))
+            }
+            _ => {
+                return Err(invalid(
+                    "action",
+                    "takes `*` only as a final `.*` (e.g. `account.*`)",
+                ));
+            }
+        },
+    };
+    let decision = match q.get("decision").map(String::as_str) {
+        None => None,
+        Some(d @ ("allow" | "deny")) => Some(d.to_owned()),
+        Some(_) => return Err(invalid("decision", "must be `allow` or `deny`")),
+    };
+    let since = audit_time(&q, "since")?;
+    let until = audit_time(&q, "until")?;
+    if let (Some(a), Some(b)) = (since, until)
+        && a >= b
+    {
+        return Err(invalid("until", "must be later than `since`"));
+    }
+    let limit = match q.get("limit") {
+        None => AUDIT_DEFAULT_LIMIT,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=AUDIT_MAX_LIMIT).contains(n))
+            .ok_or_else(|| invalid("limit", "must be an integer from 1 to 500"))?,
+    };
+    let before_seq = q
+        .get("cursor")
+        .map(|c| {
+            audit_cursor_seq(c).ok_or_else(|| {
+                invalid(
+                    "cursor",
+                    "is not a cursor this endpoint gave (`next_cursor`)",
+                )
+            })
+        })
+        .transpose()?;
+    let mut entries = s
+        .vault
+        .store()
+        .query_audit(&AuditQuery {
+            subject_user: q.get("user").cloned(),
+            agent: q.get("agent").cloned(),
+            connection: q.get("connection").cloned(),
+            action,
+            action_prefix,
+            decision,
+            since,
+            until,
+            before_seq,
+            // One more than the page: whether there is a next page, without an empty last one.
+            limit: limit + 1,
+        })
+        .await?;
+    let more = entries.len() as i64 > limit;
+    entries.truncate(limit as usize);
+    let next_cursor = more
+        .then(|| entries.last().map(|e| audit_cursor(e.seq)))
+        .flatten();
+    let entries: Vec<_> = entries
+        .iter()
+        .map(latchkey_core::audit::entry_view)
+        .collect();
+    ok(&serde_json::json!({ "entries": entries, "next_cursor": next_cursor }))
 }

@@ -3,15 +3,15 @@
 //! problem-JSON errors. The decisions are in `latchkey_core::vault::my_account`.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use latchkey_core::params::Params;
-use latchkey_core::vault::Problem;
+use latchkey_core::vault::{Problem, RequestContext};
 use serde_json::Value;
 
-use super::AppState;
 use super::errors::json_response;
+use super::{AppState, RequestMeta};
 
 const CREATE: &str = "create:me:connected_accounts";
 const READ: &str = "read:me:connected_accounts";
@@ -160,6 +160,7 @@ pub async fn connections(
 
 pub async fn delete(
     State(s): State<AppState>,
+    Extension(meta): Extension<RequestMeta>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
@@ -168,7 +169,11 @@ pub async fn delete(
             .vault
             .my_account_token(bearer(&headers).as_deref(), DELETE)
             .await?;
-        s.vault.my_account_delete(&token, &id).await
+        let ctx = RequestContext {
+            request_id: Some(meta.request_id.clone()),
+            client_ip: meta.client_ip,
+        };
+        s.vault.my_account_delete(&token, &id, &ctx).await
     }
     .await;
     match result {

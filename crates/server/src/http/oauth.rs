@@ -70,14 +70,23 @@ pub async fn token(
 }
 
 /// `POST /oauth/revoke` (RFC 7009): 200 with an empty body, also for unknown tokens.
-pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+pub async fn revoke(
+    State(state): State<AppState>,
+    Extension(meta): Extension<RequestMeta>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let result = async {
         let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
             OAuthError::invalid_request(format!("request body exceeds {MAX_BODY} bytes"))
         })?;
         let params = parse_body(&headers, &bytes)?;
         let basic = basic_credentials(&headers)?;
-        state.vault.revoke(&params, basic).await
+        let ctx = RequestContext {
+            request_id: Some(meta.request_id.clone()),
+            client_ip: meta.client_ip,
+        };
+        state.vault.revoke(&params, basic, &ctx).await
     }
     .await;
     match result {

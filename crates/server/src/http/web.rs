@@ -8,9 +8,17 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use latchkey_core::vault::{Authorize, ConnectDone, SignIn};
+use latchkey_core::vault::{Authorize, ConnectDone, RequestContext, SignIn};
 
 use super::{AppState, RequestMeta};
+
+/// The request's id and address, for the audit entries of what it does.
+fn context(meta: &RequestMeta) -> RequestContext {
+    RequestContext {
+        request_id: Some(meta.request_id.clone()),
+        client_ip: meta.client_ip,
+    }
+}
 
 const SESSION: &str = "latchkey_session";
 const CSRF: &str = "latchkey_csrf";
@@ -180,7 +188,7 @@ pub async fn login(
     }
     match s
         .vault
-        .sign_in(&f.username, &f.password, meta.client_ip)
+        .sign_in(&f.username, &f.password, &context(&meta))
         .await
     {
         Ok(SignIn::Session(token)) => signed_in(&s, &token, &next),
@@ -259,7 +267,7 @@ pub async fn totp(
     }
     match s
         .vault
-        .sign_in_totp(&pending, &f.code, meta.client_ip)
+        .sign_in_totp(&pending, &f.code, &context(&meta))
         .await
     {
         Ok(SignIn::Session(token)) => signed_in(&s, &token, &next),
@@ -375,6 +383,7 @@ pub struct CallbackQuery {
 
 pub async fn connect_callback(
     State(s): State<AppState>,
+    Extension(meta): Extension<RequestMeta>,
     Path(connection): Path<String>,
     headers: HeaderMap,
     Query(q): Query<CallbackQuery>,
@@ -399,7 +408,14 @@ pub async fn connect_callback(
     };
     match s
         .vault
-        .connect_finish(&user_id, &connection, &state, &code, q.iss.as_deref())
+        .connect_finish_in(
+            &user_id,
+            &connection,
+            &state,
+            &code,
+            q.iss.as_deref(),
+            &context(&meta),
+        )
         .await
     {
         // Back to the app (My Account `connect_code`) or to the /authorize request to resume.

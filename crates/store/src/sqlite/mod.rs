@@ -7,9 +7,11 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use latchkey_core::audit::AuditKey;
 use latchkey_core::model::*;
 use latchkey_core::scope::Scopes;
 use latchkey_core::store::*;
@@ -19,14 +21,24 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
+mod release;
+
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("schema.sql")),
     (2, include_str!("v2_lifecycle.sql")),
+    (3, include_str!("v3_audit_chain.sql")),
+    (4, include_str!("v4_audit_read.sql")),
 ];
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The audit chain's MAC key, once the vault has unsealed it.
+    audit_key: Arc<RwLock<Option<Arc<AuditKey>>>>,
+    /// Whether every entry is also sent as a webhook.
+    audit_webhook: Arc<std::sync::atomic::AtomicBool>,
+    /// The group-commit writer of token releases (see `release.rs`).
+    releases: tokio::sync::mpsc::UnboundedSender<release::ReleaseJob>,
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -60,9 +72,28 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(unavailable)?;
-        let store = Self { pool };
+        let audit_key = Arc::<RwLock<Option<Arc<AuditKey>>>>::default();
+        let audit_webhook = Arc::<std::sync::atomic::AtomicBool>::default();
+        let releases =
+            release::spawn_writer(pool.clone(), audit_key.clone(), audit_webhook.clone());
+        let store = Self {
+            pool,
+            audit_key,
+            audit_webhook,
+            releases,
+        };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// What [`insert_audit`] needs: the chain key, and whether entries go to the webhook.
+    fn audit_sink(&self) -> AuditSink {
+        AuditSink {
+            key: self.audit_key.read().expect("audit key lock").clone(),
+            webhook: self
+                .audit_webhook
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// The underlying pool (tests use it to inspect or sabotage the database).
@@ -128,7 +159,7 @@ impl SqliteStore {
             .rows_affected()
             > 0;
         if changed {
-            insert_audit(&mut tx, audit).await?;
+            insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(changed)
@@ -162,15 +193,43 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
         .map(|_| ())
 }
 
+/// Append an entry (and its webhook, if any) inside `tx`, chained to the last one: the next
+/// sequence number and the MAC over it, its content and the previous MAC. The write lock of
+/// `tx` (`BEGIN IMMEDIATE`) keeps the chain linear.
+struct AuditSink {
+    key: Option<Arc<AuditKey>>,
+    webhook: bool,
+}
+
 async fn insert_audit(
     tx: &mut Transaction<'static, Sqlite>,
+    sink: &AuditSink,
     a: &AuditRecord,
 ) -> Result<(), StoreError> {
+    let key = sink.key.as_deref();
+    let last: Option<(i64, Option<String>)> =
+        sqlx::query_as("SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+    let seq = last.as_ref().map_or(1, |(s, _)| s + 1);
+    let prev = last.as_ref().and_then(|(_, m)| m.as_deref());
+    let mac = match (key, &last) {
+        (Some(k), _) => Some(k.mac(prev, seq, a)),
+        // Before the key is installed, only an unchained beginning may be written.
+        (None, None) | (None, Some((_, None))) => None,
+        (None, Some((_, Some(_)))) => {
+            return Err(StoreError::Unavailable(
+                "the audit chain key is not installed".into(),
+            ));
+        }
+    };
     sqlx::query(
-        "INSERT INTO audit_events (at, actor_type, actor_id, auth_method, subject_user, action, connection, \
-         account_id, scopes, decision, reason, audit_context, request_id, client_ip) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO audit_events (seq, at, actor_type, actor_id, auth_method, subject_user, action, connection, \
+         account_id, agent_id, scopes, decision, reason, audit_context, request_id, client_ip, mac) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
+    .bind(seq)
     .bind(a.at)
     .bind(&a.actor_type)
     .bind(&a.actor_id)
@@ -179,16 +238,30 @@ async fn insert_audit(
     .bind(&a.action)
     .bind(&a.connection)
     .bind(&a.account_id)
+    .bind(&a.agent_id)
     .bind(&a.scopes)
     .bind(&a.decision)
     .bind(&a.reason)
     .bind(&a.audit_context)
     .bind(&a.request_id)
     .bind(&a.client_ip)
+    .bind(&mac)
     .execute(&mut **tx)
     .await
     .map_err(unavailable)?;
-    if let Some(n) = &a.notify {
+    let entry_event = sink.webhook.then(|| {
+        let entry = AuditEntry {
+            seq,
+            record: a.clone(),
+            mac,
+        };
+        Notification {
+            event: "audit.entry".into(),
+            body: serde_json::to_string(&latchkey_core::audit::entry_view(&entry))
+                .unwrap_or_default(),
+        }
+    });
+    for n in a.notify.iter().chain(entry_event.as_ref()) {
         sqlx::query(
             "INSERT INTO webhook_outbox (id, event, body, created_at, next_attempt_at) \
              VALUES ('whk_' || lower(hex(randomblob(16))), ?, ?, ?, ?)",
@@ -342,12 +415,14 @@ fn audit_row(r: &SqliteRow) -> AuditEntry {
             account_id: r.get("account_id"),
             scopes: r.get("scopes"),
             decision: r.get("decision"),
+            agent_id: r.get("agent_id"),
             notify: None,
             reason: r.get("reason"),
             audit_context: r.get("audit_context"),
             request_id: r.get("request_id"),
             client_ip: r.get("client_ip"),
         },
+        mac: r.get("mac"),
     }
 }
 
@@ -394,7 +469,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(conflict("data key version"))?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -409,7 +484,7 @@ impl Store for SqliteStore {
                 .await
                 .map_err(unavailable)?;
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -458,7 +533,7 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -520,7 +595,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(conflict("a user with this username"))?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -620,7 +695,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(conflict("a connection with this name"))?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -683,7 +758,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(a.id.clone())
     }
@@ -799,13 +874,13 @@ impl Store for SqliteStore {
         }
         let mut tx = self.write().await?;
         let mut work: Vec<RefreshWork> = Vec::new();
-        let interrupted = sqlx::query(concat!(
-            "SELECT a.* FROM connected_accounts a WHERE ",
-            free!(),
-            " AND a.refresh_started_at < ? \
-             ORDER BY a.refresh_started_at LIMIT ?"
-        ))
-        .bind(q.now)
+        // Interrupted refreshes ignore claims: the claim may be the dead process's own, and no
+        // live refresh is as old as `interrupted_before`.
+        let interrupted = sqlx::query(
+            "SELECT a.* FROM connected_accounts a WHERE a.status = 'active' \
+             AND a.refresh_token IS NOT NULL AND a.refresh_started_at < ? \
+             ORDER BY a.refresh_started_at LIMIT ?",
+        )
         .bind(q.interrupted_before)
         .bind(q.limit)
         .fetch_all(&mut *tx)
@@ -967,7 +1042,7 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
-            insert_audit(&mut tx, audit).await?;
+            insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(n == 1)
@@ -1013,7 +1088,7 @@ impl Store for SqliteStore {
             agent.id,
             audit.reason.unwrap_or_default()
         ));
-        insert_audit(&mut tx, &audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), &audit).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -1072,7 +1147,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -1148,7 +1223,7 @@ impl Store for SqliteStore {
                 .rows_affected();
         }
         if deleted == 1 {
-            insert_audit(&mut tx, audit).await?;
+            insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(deleted == 1)
@@ -1160,36 +1235,17 @@ impl Store for SqliteStore {
         account_id: &str,
         audit: &AuditRecord,
     ) -> Result<(), ReleaseError> {
-        let mut tx = self.write().await?;
-        for (i, j) in jtis.iter().enumerate() {
-            let n = sqlx::query(
-                "INSERT INTO used_jtis (key, expires_at) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
-            )
-            .bind(&j.key)
-            .bind(j.expires_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-            if n == 0 {
-                return Err(ReleaseError::Replay(i));
-            }
-        }
-        let n = sqlx::query(
-            "UPDATE connected_accounts SET last_used_at = ? WHERE id = ? AND status = 'active'",
-        )
-        .bind(audit.at)
-        .bind(account_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?
-        .rows_affected();
-        if n == 0 {
-            return Err(ReleaseError::AccountInactive);
-        }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(unavailable)?;
-        Ok(())
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = release::ReleaseJob {
+            jtis: jtis.to_vec(),
+            account_id: account_id.to_owned(),
+            audit: audit.clone(),
+            reply,
+        };
+        let gone =
+            || ReleaseError::Store(StoreError::Unavailable("the release writer stopped".into()));
+        self.releases.send(job).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     async fn purge_expired_jtis(&self, now: i64) -> StoreResult<u64> {
@@ -1398,7 +1454,7 @@ impl Store for SqliteStore {
                 .await
                 .map_err(unavailable)?;
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -1529,9 +1585,121 @@ impl Store for SqliteStore {
         Ok(n == 1)
     }
 
+    fn enable_audit_webhook(&self) {
+        self.audit_webhook
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn install_audit_key(&self, key: Arc<AuditKey>) {
+        *self.audit_key.write().expect("audit key lock") = Some(key);
+    }
+
+    async fn chain_unchained_audit(&self) -> StoreResult<usize> {
+        let Some(key) = self.audit_sink().key else {
+            return Err(StoreError::Unavailable(
+                "the audit chain key is not installed".into(),
+            ));
+        };
+        let mut tx = self.write().await?;
+        // Once anything was chained or checkpointed, a missing MAC is tampering, not a
+        // beginning: never seal over it.
+        let chained: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM audit_events WHERE mac IS NOT NULL) \
+             + (SELECT COUNT(*) FROM audit_checkpoints)",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if chained > 0 {
+            return Ok(0);
+        }
+        let rows = sqlx::query("SELECT * FROM audit_events ORDER BY seq")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let mut prev: Option<String> = None;
+        for r in &rows {
+            let e = audit_row(r);
+            let mac = key.mac(prev.as_deref(), e.seq, &e.record);
+            sqlx::query("UPDATE audit_events SET mac = ? WHERE seq = ?")
+                .bind(&mac)
+                .bind(e.seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            prev = Some(mac);
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(rows.len())
+    }
+
+    async fn audit_range(&self, after: i64, limit: i64) -> StoreResult<Vec<AuditEntry>> {
+        let rows = sqlx::query("SELECT * FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?")
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(audit_row).collect())
+    }
+
+    async fn insert_audit_checkpoint(&self, cp: &AuditCheckpoint) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO audit_checkpoints (seq, mac, at, public_key, signature) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT(seq) DO NOTHING",
+        )
+        .bind(cp.seq)
+        .bind(&cp.mac)
+        .bind(cp.at)
+        .bind(&cp.public_key)
+        .bind(&cp.signature)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn audit_checkpoints(&self) -> StoreResult<Vec<AuditCheckpoint>> {
+        let rows = sqlx::query("SELECT * FROM audit_checkpoints ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditCheckpoint {
+                seq: r.get("seq"),
+                mac: r.get("mac"),
+                at: r.get("at"),
+                public_key: r.get("public_key"),
+                signature: r.get("signature"),
+            })
+            .collect())
+    }
+
+    async fn audit_seq_before(&self, at: i64) -> StoreResult<Option<i64>> {
+        sqlx::query_scalar("SELECT MAX(seq) FROM audit_events WHERE at < ?")
+            .bind(at)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn prune_audit(&self, through: i64, audit: &AuditRecord) -> StoreResult<u64> {
+        let mut tx = self.write().await?;
+        let n = sqlx::query("DELETE FROM audit_events WHERE seq <= ?")
+            .bind(through)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(n)
+    }
+
     async fn append_audit(&self, audit: &AuditRecord) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -1634,7 +1802,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(conflict("an operator token with this name"))?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -1678,7 +1846,79 @@ impl Store for SqliteStore {
             .map_err(unavailable)?;
         Ok(())
     }
+
+    async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
+        // One fixed statement per driving filter, so that SQLite walks that filter's index
+        // (v4_audit_read.sql) in `seq` order from the cursor down, and stops after `limit`.
+        let sql = if q.subject_user.is_some() {
+            AUDIT_BY_USER
+        } else if q.agent.is_some() {
+            AUDIT_BY_AGENT
+        } else if q.connection.is_some() {
+            AUDIT_BY_CONNECTION
+        } else if q.action.is_some() {
+            AUDIT_BY_ACTION
+        } else {
+            AUDIT_SCAN
+        };
+        let rows = sqlx::query(sql)
+            .bind(&q.subject_user)
+            .bind(&q.agent)
+            .bind(&q.connection)
+            .bind(&q.action)
+            .bind(&q.action_prefix)
+            .bind(&q.decision)
+            .bind(q.since.unwrap_or(i64::MIN))
+            .bind(q.until.unwrap_or(i64::MAX))
+            .bind(q.before_seq.unwrap_or(i64::MAX))
+            .bind(q.limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(audit_row).collect())
+    }
 }
+
+/// The conditions of every audit read, with numbered parameters bound in this order by
+/// `query_audit`: ?1 subject user, ?2 agent, ?3 connection, ?4 action, ?5 action prefix,
+/// ?6 decision, ?7 since, ?8 until, ?9 before seq (`i64::MAX` for none), ?10 limit. The time
+/// and cursor bounds are always set, so the cursor is a range on the index in use.
+macro_rules! audit_where {
+    () => {
+        "(?1 IS NULL OR subject_user = ?1) \
+         AND (?2 IS NULL OR (actor_type = 'agent' AND actor_id = ?2) OR agent_id = ?2) \
+         AND (?3 IS NULL OR connection = ?3) \
+         AND (?4 IS NULL OR action = ?4) \
+         AND (?5 IS NULL OR substr(action, 1, length(?5)) = ?5) \
+         AND (?6 IS NULL OR decision = ?6) \
+         AND at >= ?7 AND at < ?8 AND seq < ?9"
+    };
+}
+
+macro_rules! audit_select {
+    ($drive:literal) => {
+        concat!(
+            "SELECT * FROM audit_events WHERE ",
+            $drive,
+            audit_where!(),
+            " ORDER BY seq DESC LIMIT ?10"
+        )
+    };
+}
+
+const AUDIT_SCAN: &str = audit_select!("");
+const AUDIT_BY_USER: &str = audit_select!("subject_user = ?1 AND ");
+const AUDIT_BY_CONNECTION: &str = audit_select!("connection = ?3 AND ");
+const AUDIT_BY_ACTION: &str = audit_select!("action = ?4 AND ");
+/// The agent as actor or as target: two index walks, each stopping after `limit`, merged.
+/// (A row matching both is the same row in both halves, and `UNION` keeps it once.)
+const AUDIT_BY_AGENT: &str = concat!(
+    "SELECT * FROM (",
+    audit_select!("actor_type = 'agent' AND actor_id = ?2 AND "),
+    ") UNION SELECT * FROM (",
+    audit_select!("agent_id = ?2 AND "),
+    ") ORDER BY seq DESC LIMIT ?10"
+);
 
 #[cfg(test)]
 mod tests;

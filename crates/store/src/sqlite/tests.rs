@@ -513,3 +513,318 @@ async fn operator_tokens_authenticate_until_revoked() {
             .is_some()
     );
 }
+
+/// A mixed trail for the audit-read tests: who, what, where and when vary independently of
+/// the order of writing (`at` is not monotonic in `seq`).
+fn trail_entry(i: usize) -> AuditRecord {
+    let (actor_type, actor_id) = [
+        ("agent", "agt_1"),
+        ("agent", "agt_2"),
+        // Not an agent, though the id looks like one: `agent=agt_1` must not match it.
+        ("operator", "agt_1"),
+        ("user", "usr_a"),
+    ][i % 4];
+    AuditRecord {
+        at: 1000 + ((i * 37) % 400) as i64,
+        actor_type: actor_type.into(),
+        actor_id: actor_id.into(),
+        auth_method: "test".into(),
+        subject_user: [Some("usr_a"), Some("usr_b"), None][i % 3].map(Into::into),
+        action: [
+            "token.release",
+            "account.connect",
+            "account.revoke",
+            // Shares the text `account` but not the prefix `account.`.
+            "accounts.list",
+            "client.disable",
+        ][(i / 3) % 5]
+            .into(),
+        connection: [Some("demo-git"), Some("github"), None][(i / 2) % 3].map(Into::into),
+        agent_id: [Some("agt_1"), Some("agt_2"), None, None, None][i % 5].map(Into::into),
+        decision: if i.is_multiple_of(7) { "deny" } else { "allow" }.into(),
+        scopes: Some("a b".into()),
+        ..Default::default()
+    }
+}
+
+/// What `q` must return, computed from the entries themselves.
+fn expected(all: &[AuditEntry], q: &AuditQuery) -> Vec<i64> {
+    let mut seqs: Vec<i64> = all
+        .iter()
+        .filter(|e| {
+            let r = &e.record;
+            q.subject_user
+                .as_ref()
+                .is_none_or(|u| r.subject_user.as_ref() == Some(u))
+                && q.agent.as_ref().is_none_or(|a| {
+                    (r.actor_type == "agent" && &r.actor_id == a) || r.agent_id.as_ref() == Some(a)
+                })
+                && q.connection
+                    .as_ref()
+                    .is_none_or(|c| r.connection.as_ref() == Some(c))
+                && q.action.as_ref().is_none_or(|a| &r.action == a)
+                && q.action_prefix
+                    .as_ref()
+                    .is_none_or(|p| r.action.starts_with(p.as_str()))
+                && q.decision.as_ref().is_none_or(|d| &r.decision == d)
+                && q.since.is_none_or(|t| r.at >= t)
+                && q.until.is_none_or(|t| r.at < t)
+                && q.before_seq.is_none_or(|s| e.seq < s)
+        })
+        .map(|e| e.seq)
+        .collect();
+    seqs.sort_unstable_by(|a, b| b.cmp(a));
+    seqs
+}
+
+/// Every page of `q`, `limit` at a time, following the last seq of each page.
+async fn walk(s: &SqliteStore, q: &AuditQuery, limit: i64) -> Vec<i64> {
+    let mut q = AuditQuery {
+        limit,
+        before_seq: None,
+        ..q.clone()
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = s.query_audit(&q).await.unwrap();
+        assert!(page.len() as i64 <= limit);
+        seen.extend(page.iter().map(|e| e.seq));
+        if (page.len() as i64) < limit {
+            return seen;
+        }
+        q.before_seq = page.last().map(|e| e.seq);
+    }
+}
+
+#[tokio::test]
+async fn audit_reads_filter_and_page_newest_first() {
+    let (_d, s) = store().await;
+    for i in 0..60 {
+        s.append_audit(&trail_entry(i)).await.unwrap();
+    }
+    let all = s.list_audit(1000).await.unwrap();
+    assert_eq!(all.len(), 60);
+
+    let some = |v: &str| Some(v.to_owned());
+    let queries = [
+        AuditQuery::default(),
+        AuditQuery {
+            subject_user: some("usr_a"),
+            ..Default::default()
+        },
+        AuditQuery {
+            agent: some("agt_1"),
+            ..Default::default()
+        },
+        AuditQuery {
+            agent: some("agt_2"),
+            decision: some("allow"),
+            ..Default::default()
+        },
+        AuditQuery {
+            connection: some("github"),
+            ..Default::default()
+        },
+        AuditQuery {
+            action: some("token.release"),
+            ..Default::default()
+        },
+        AuditQuery {
+            action_prefix: some("account."),
+            ..Default::default()
+        },
+        AuditQuery {
+            decision: some("deny"),
+            ..Default::default()
+        },
+        AuditQuery {
+            since: Some(1100),
+            until: Some(1250),
+            ..Default::default()
+        },
+        AuditQuery {
+            subject_user: some("usr_b"),
+            agent: some("agt_1"),
+            connection: some("demo-git"),
+            ..Default::default()
+        },
+        AuditQuery {
+            agent: some("agt_1"),
+            action_prefix: some("account."),
+            since: Some(1050),
+            ..Default::default()
+        },
+        AuditQuery {
+            connection: some("demo-git"),
+            action: some("client.disable"),
+            until: Some(1300),
+            ..Default::default()
+        },
+        AuditQuery {
+            subject_user: some("nobody"),
+            ..Default::default()
+        },
+        AuditQuery {
+            action: some("account"),
+            ..Default::default()
+        },
+    ];
+    for q in &queries {
+        let want = expected(&all, q);
+        // A filter that matches nothing is fine only where the data says so.
+        if q.subject_user.as_deref() != Some("nobody") && q.action.as_deref() != Some("account") {
+            assert!(!want.is_empty(), "{q:?} matches something");
+        }
+        let one_page = s
+            .query_audit(&AuditQuery {
+                limit: 1000,
+                ..q.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            one_page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            want,
+            "{q:?}"
+        );
+        // Any page size walks the same entries, each once, newest first.
+        for limit in [1, 2, 3, 7, 500] {
+            assert_eq!(walk(&s, q, limit).await, want, "{q:?} by {limit}");
+        }
+        // `limit` is a cap.
+        let capped = s
+            .query_audit(&AuditQuery {
+                limit: 2,
+                ..q.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            capped.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            want.iter().copied().take(2).collect::<Vec<_>>()
+        );
+    }
+    // `agent` is the agent as actor, or the target: never another kind of actor with that id.
+    let agt_1 = expected(
+        &all,
+        &AuditQuery {
+            agent: some("agt_1"),
+            ..Default::default()
+        },
+    );
+    let as_actor = all
+        .iter()
+        .filter(|e| e.record.actor_type == "agent" && e.record.actor_id == "agt_1")
+        .count();
+    let as_target_only = all
+        .iter()
+        .filter(|e| e.record.agent_id.as_deref() == Some("agt_1"))
+        .filter(|e| !(e.record.actor_type == "agent" && e.record.actor_id == "agt_1"))
+        .count();
+    assert!(as_actor > 0 && as_target_only > 0);
+    assert_eq!(agt_1.len(), as_actor + as_target_only);
+
+    // Entries appended mid-walk do not show up in (or shift) the pages after the cursor.
+    let q = AuditQuery {
+        subject_user: some("usr_a"),
+        limit: 3,
+        ..Default::default()
+    };
+    let want = expected(&all, &q);
+    let mut seen = Vec::new();
+    let mut page = s.query_audit(&q).await.unwrap();
+    while !page.is_empty() {
+        seen.extend(page.iter().map(|e| e.seq));
+        for i in 0..3 {
+            s.append_audit(&trail_entry(i)).await.unwrap();
+        }
+        page = s
+            .query_audit(&AuditQuery {
+                before_seq: seen.last().copied(),
+                ..q.clone()
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(seen, want);
+    // A fresh first page shows them.
+    let fresh = s.query_audit(&q).await.unwrap();
+    assert!(fresh[0].seq > all[0].seq);
+
+    // The entry comes back whole.
+    let one = s
+        .query_audit(&AuditQuery {
+            before_seq: Some(all[59].seq + 1),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (got, put) = (&one[0].record, trail_entry(0));
+    assert_eq!(
+        (
+            one[0].seq,
+            got.at,
+            got.actor_type.as_str(),
+            got.actor_id.as_str(),
+            got.subject_user.as_deref(),
+            got.action.as_str(),
+            got.connection.as_deref(),
+            got.agent_id.as_deref(),
+            got.scopes.as_deref(),
+            got.decision.as_str(),
+        ),
+        (
+            all[59].seq,
+            put.at,
+            put.actor_type.as_str(),
+            put.actor_id.as_str(),
+            put.subject_user.as_deref(),
+            put.action.as_str(),
+            put.connection.as_deref(),
+            put.agent_id.as_deref(),
+            put.scopes.as_deref(),
+            put.decision.as_str(),
+        )
+    );
+}
+
+#[tokio::test]
+async fn audit_reads_walk_an_index_from_the_cursor() {
+    let (_d, s) = store().await;
+    for (sql, index) in [
+        (AUDIT_BY_USER, "audit_events_subject_user"),
+        (AUDIT_BY_CONNECTION, "audit_events_connection"),
+        (AUDIT_BY_ACTION, "audit_events_action"),
+        (AUDIT_BY_AGENT, "audit_events_agent_actor"),
+        (AUDIT_BY_AGENT, "audit_events_agent_target"),
+    ] {
+        let plan: Vec<String> =
+            sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                .bind("x")
+                .bind("x")
+                .bind("x")
+                .bind("x")
+                .bind("x")
+                .bind("x")
+                .bind(0_i64)
+                .bind(i64::MAX)
+                .bind(i64::MAX)
+                .bind(10_i64)
+                .fetch_all(s.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>("detail"))
+                .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains(&format!("USING INDEX {index} (")) && plan.contains("rowid<?"),
+            "{sql}\n{plan}"
+        );
+        assert!(
+            !plan.contains("USE TEMP B-TREE FOR ORDER BY") || sql == AUDIT_BY_AGENT,
+            "{plan}"
+        );
+    }
+}
