@@ -239,10 +239,10 @@ def connect_demo_account(base: str, ca: Path, demo: dict) -> None:
     )
     expect(r, (302, 303), "POST demo authorize")
     callback = urllib.parse.urljoin(base, r.headers["Location"])
-    if not callback.startswith(base + "connect/callback"):
+    if not callback.startswith(base + f"connect/{CONNECTION}/callback"):
         raise SystemExit(f"unexpected callback URL: {callback}")
 
-    r = expect(s.get(callback, allow_redirects=False), (303,), "GET /connect/callback")
+    r = expect(s.get(callback, allow_redirects=False), (303,), f"GET /connect/{CONNECTION}/callback")
     if f"connected={CONNECTION}" not in r.headers.get("Location", ""):
         raise SystemExit(f"callback redirected to {r.headers.get('Location')!r}, expected ...connected={CONNECTION}")
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use latchkey_core::clock::SystemClock;
+use latchkey_core::policy::{GrantPolicy, Quotas};
 use latchkey_core::scope::Scopes;
 use latchkey_core::vault::{Actor, NewConnection};
 use latchkey_core::{Vault, catalog};
@@ -89,6 +90,12 @@ enum Command {
         after_help = "Examples:\n  latchkey audit checkpoint --out /mnt/offsite/latchkey-checkpoint.json\n  latchkey audit verify --checkpoint /mnt/offsite/latchkey-checkpoint.json\n  latchkey audit export --after 1000 > audit.jsonl"
     )]
     Audit(AuditCmd),
+    /// See and decide approval requests (CIBA requests, exchanges held for the user).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  latchkey approvals list\n  latchkey approvals approve apr_…\n  latchkey approvals deny apr_… --note 'not expected'"
+    )]
+    Approvals(ApprovalsCmd),
     /// Manage bearer tokens for the admin API (`/api/v1`).
     #[command(
         subcommand,
@@ -281,9 +288,12 @@ enum AgentCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Allow an agent scopes on a connection (replaces an earlier grant for that connection).
+    /// Allow an agent scopes on a connection, with its policy (replaces an earlier grant for
+    /// that connection whole: flags left out are unset). See docs/policy.md.
     #[command(
-        after_help = "Example:\n  latchkey agent grant agt_… --connection demo-git --scopes 'repo:read issues:write'"
+        after_help = "Examples:\n  latchkey agent grant agt_… --connection demo-git --scopes 'repo:read issues:write'\n  \
+        latchkey agent grant agt_… --connection github --scopes 'repo read:user' --risk repo=critical \\\n      \
+        --hours 'mon-fri 09:00-18:00 Europe/Berlin' --max-lifetime 600 --per-minute 10 --user-per-day 200"
     )]
     Grant {
         agent: String,
@@ -294,6 +304,32 @@ enum AgentCmd {
         /// Allowed client address or CIDR block; repeat for several. Default: any.
         #[arg(long = "ip")]
         ip_allowlist: Vec<String>,
+        /// A scope's risk level for this grant, replacing the catalog's: SCOPE=LEVEL with LEVEL
+        /// low, medium (needs the user's approval), high (approval after a recent second
+        /// factor) or critical (the same, each approval single use). Repeat for several.
+        #[arg(long = "risk", value_name = "SCOPE=LEVEL")]
+        risks: Vec<String>,
+        /// When the grant may be used: 'DAYS HH:MM-HH:MM ZONE', e.g. 'mon-fri 09:00-18:00
+        /// Europe/Berlin' (an IANA zone; an end before the start runs past midnight). Repeat
+        /// for several windows. Default: any time.
+        #[arg(long = "hours", value_name = "WINDOW")]
+        hours: Vec<String>,
+        /// Cap on the token lifetime Latchkey reports (`expires_in`), in seconds (1–86400).
+        #[arg(long, value_name = "SECONDS")]
+        max_lifetime: Option<i64>,
+        /// Exchanges this agent may make on the connection per minute (all users).
+        #[arg(long, value_name = "N")]
+        per_minute: Option<u32>,
+        /// Exchanges this agent may make on the connection per day (UTC).
+        #[arg(long, value_name = "N")]
+        per_day: Option<u32>,
+        /// Exchanges per minute for one user on the connection, counted across every grant
+        /// with a per-user quota.
+        #[arg(long, value_name = "N")]
+        user_per_minute: Option<u32>,
+        /// Exchanges per day (UTC) for one user on the connection, as --user-per-minute.
+        #[arg(long, value_name = "N")]
+        user_per_day: Option<u32>,
     },
     /// Remove an agent's (or app's) grant for a connection.
     #[command(after_help = "Example:\n  latchkey agent ungrant agt_… --connection demo-git")]
@@ -375,6 +411,41 @@ enum AuditCmd {
         /// Only entries with a sequence number above this.
         #[arg(long, default_value_t = 0)]
         after: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCmd {
+    /// List approval requests, newest first (default: the pending ones).
+    #[command(
+        after_help = "Examples:\n  latchkey approvals list\n  latchkey approvals list --all --user alice --json"
+    )]
+    List {
+        /// Only this user's requests (id or username).
+        #[arg(long)]
+        user: Option<String>,
+        /// Every status, not only pending requests.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending request as the operator (recorded as yours; no step-up).
+    #[command(after_help = "Example:\n  latchkey approvals approve apr_…")]
+    Approve {
+        id: String,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Deny a pending request: the agent's next poll gets `access_denied`.
+    #[command(after_help = "Example:\n  latchkey approvals deny apr_… --note 'not expected'")]
+    Deny {
+        id: String,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        note: Option<String>,
     },
 }
 
@@ -825,17 +896,49 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
             connection,
             scopes,
             ip_allowlist,
+            risks,
+            hours,
+            max_lifetime,
+            per_minute,
+            per_day,
+            user_per_minute,
+            user_per_day,
         }) => {
+            let mut policy = GrantPolicy {
+                max_lifetime,
+                quotas: Quotas {
+                    agent_per_minute: per_minute,
+                    agent_per_day: per_day,
+                    user_per_minute,
+                    user_per_day,
+                },
+                ..GrantPolicy::default()
+            };
+            for r in &risks {
+                let (scope, level) = latchkey_core::policy::parse_risk_override(r)?;
+                if policy.risk.insert(scope.clone(), level).is_some() {
+                    bail!("--risk names `{scope}` twice");
+                }
+            }
+            for h in &hours {
+                policy
+                    .hours
+                    .push(latchkey_core::policy::TimeWindow::parse(h)?);
+            }
             let g = vault
-                .grant(
+                .grant_with_policy(
                     &agent,
                     &connection,
                     Scopes::parse(&scopes),
                     ip_allowlist,
+                    policy,
                     &actor,
                 )
                 .await?;
             println!("granted {} on {connection}: {}", g.agent_id, g.scopes);
+            if g.policy != GrantPolicy::default() {
+                println!("policy: {}", g.policy.to_json());
+            }
         }
         Command::Agent(AgentCmd::Ungrant { agent, connection }) => {
             vault.remove_grant(&agent, &connection, &actor).await?;
@@ -851,19 +954,54 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
         }
         Command::Agent(AgentCmd::List { json }) => {
             let list = vault.store().list_agents().await?;
-            if json {
-                print_json(&serde_json::json!(list
+            let grants = vault.store().list_grants().await?;
+            let connections = vault.store().list_connections().await?;
+            let conn_name = |id: &str| {
+                connections
                     .iter()
-                    .map(|a| serde_json::json!({"client_id": a.id, "name": a.name, "disabled": a.disabled}))
-                    .collect::<Vec<_>>()));
+                    .find(|c| c.id == id)
+                    .map_or_else(|| id.to_owned(), |c| c.name.clone())
+            };
+            let grants_of = |agent: &str| {
+                grants
+                    .iter()
+                    .filter(|g| g.agent_id == agent)
+                    .collect::<Vec<_>>()
+            };
+            if json {
+                print_json(&serde_json::json!(
+                    list.iter()
+                        .map(|a| serde_json::json!({
+                            "client_id": a.id, "name": a.name, "disabled": a.disabled,
+                            "grants": grants_of(&a.id).into_iter().map(|g| serde_json::json!({
+                                "connection": conn_name(&g.connection_id),
+                                "scopes": g.scopes.to_string_spaced(),
+                                "ip_allowlist": g.ip_allowlist,
+                                "policy": g.policy,
+                            })).collect::<Vec<_>>(),
+                        }))
+                        .collect::<Vec<_>>()
+                ));
             } else {
-                for a in list {
+                for a in &list {
                     println!(
                         "{}\t{}{}",
                         a.id,
                         a.name,
                         if a.disabled { "\t(disabled)" } else { "" }
                     );
+                    for g in grants_of(&a.id) {
+                        let policy = if g.policy == GrantPolicy::default() {
+                            String::new()
+                        } else {
+                            format!("\tpolicy {}", g.policy.to_json())
+                        };
+                        println!(
+                            "  grant\t{}\t{}{policy}",
+                            conn_name(&g.connection_id),
+                            g.scopes
+                        );
+                    }
                 }
             }
         }
@@ -996,6 +1134,63 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                 }
             }
             out.flush()?;
+        }
+        Command::Approvals(ApprovalsCmd::List { user, all, json }) => {
+            let user_id = match user {
+                Some(u) => Some(vault.find_user(&u).await?.id),
+                None => None,
+            };
+            let list = vault
+                .store()
+                .list_approvals(&latchkey_core::store::ApprovalFilter {
+                    user_id,
+                    status: (!all).then_some(latchkey_core::model::ApprovalStatus::Pending),
+                    limit: 500,
+                })
+                .await?;
+            if json {
+                print_json(&serde_json::json!(
+                    list.iter()
+                        .map(|a| vault.approval_json(a, None))
+                        .collect::<Vec<_>>()
+                ));
+            } else {
+                for a in list {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}\trisk {}\t{}",
+                        a.id,
+                        a.status.as_str(),
+                        a.client_id,
+                        a.user_id,
+                        a.connection.as_deref().unwrap_or("-"),
+                        a.scopes,
+                        a.risk,
+                        a.binding_message.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Command::Approvals(ApprovalsCmd::Approve { id, note }) => {
+            let a = vault
+                .decide_approval(
+                    &id,
+                    latchkey_core::vault::ApprovalDecision::Approve,
+                    note.as_deref(),
+                    latchkey_core::vault::Decider::Operator(&actor),
+                )
+                .await?;
+            println!("approved {} (until {})", a.id, a.expires_at);
+        }
+        Command::Approvals(ApprovalsCmd::Deny { id, note }) => {
+            let a = vault
+                .decide_approval(
+                    &id,
+                    latchkey_core::vault::ApprovalDecision::Deny,
+                    note.as_deref(),
+                    latchkey_core::vault::Decider::Operator(&actor),
+                )
+                .await?;
+            println!("denied {}", a.id);
         }
         Command::ApiToken(ApiTokenCmd::Create { name }) => {
             let (_, secret) = vault.add_operator_token(&name, &actor).await?;

@@ -21,6 +21,7 @@ use std::sync::LazyLock;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Connection;
+use crate::policy::{Risk, RiskTable};
 use crate::scope::Scopes;
 use crate::upstream::{ClientAuth, Endpoints, Wire};
 use crate::vault::NewConnection;
@@ -38,6 +39,17 @@ pub mod demo_paths {
     pub const API: &str = "demo/api";
     /// The scopes the demo provider knows.
     pub const SCOPES: &[&str] = &["read:user", "repo:read", "repo:write", "issues:write"];
+    /// Their risk levels (the demo has no delete scope, so nothing is critical by default;
+    /// `--risk repo:write=critical` shows that level). `issues:write` stays low so that the
+    /// walkthrough's grant releases without an approval.
+    pub const SCOPE_RISKS: &[(&str, crate::policy::Risk)] = &[
+        ("read:user", crate::policy::Risk::Low),
+        ("repo:read", crate::policy::Risk::Low),
+        ("issues:write", crate::policy::Risk::Low),
+        ("repo:write", crate::policy::Risk::High),
+    ];
+    /// Scopes the demo does not know (it refuses them anyway).
+    pub const DEFAULT_RISK: crate::policy::Risk = crate::policy::Risk::Medium;
 }
 
 /// One catalog entry (see `catalog/providers.json`).
@@ -84,6 +96,14 @@ pub struct Provider {
     pub keep_alive_days: Option<u32>,
     /// The RFC 9207 `iss` value in authorization responses, where the provider documents one.
     pub iss: Option<String>,
+    /// Risk level per scope (exact names, or patterns with one `*`), from the provider's
+    /// documentation: read-only low, writes high, deletion and administration critical.
+    /// Grants may override a scope's level (`agent grant --risk SCOPE=LEVEL`).
+    #[serde(default)]
+    pub scope_risks: BTreeMap<String, Risk>,
+    /// The level of scopes `scope_risks` does not name; `low` when absent.
+    #[serde(default)]
+    pub default_risk: Option<Risk>,
     pub client_auth: ClientAuth,
     #[serde(default)]
     pub token_response: TokenResponse,
@@ -154,6 +174,36 @@ pub fn provider_names() -> Vec<&'static str> {
 /// narrowing is Latchkey's policy only (the answer's `scope`).
 pub fn narrows_upstream(conn: &Connection) -> bool {
     conn.provider == DEMO || provider(&conn.provider).is_some_and(|p| p.narrows_on_refresh)
+}
+
+static DEMO_RISKS: LazyLock<BTreeMap<String, Risk>> = LazyLock::new(|| {
+    demo_paths::SCOPE_RISKS
+        .iter()
+        .map(|(s, r)| ((*s).to_owned(), *r))
+        .collect()
+});
+static NO_RISKS: BTreeMap<String, Risk> = BTreeMap::new();
+
+/// The risk table of a connection's provider: the catalog entry's `scope_risks` and
+/// `default_risk`; the demo's own table; for generic `oauth2` and `oidc` connections (and any
+/// provider without a table) every scope is `low` unless a grant says otherwise.
+pub fn risk_table(conn: &Connection) -> RiskTable<'static> {
+    if conn.provider == DEMO {
+        return RiskTable {
+            scopes: &DEMO_RISKS,
+            default: demo_paths::DEFAULT_RISK,
+        };
+    }
+    match provider(&conn.provider) {
+        Some(p) => RiskTable {
+            scopes: &p.scope_risks,
+            default: p.default_risk.unwrap_or_default(),
+        },
+        None => RiskTable {
+            scopes: &NO_RISKS,
+            default: Risk::Low,
+        },
+    }
 }
 
 /// Whether a refresh must name its scopes even when it does not narrow.
@@ -528,6 +578,104 @@ mod tests {
             assert!(p.token_response.assumed_expires_in.is_none_or(|s| s > 0));
             assert!(known_provider(n));
         }
+    }
+
+    /// Every entry's risk table parses (the levels are checked as the catalog loads) and is
+    /// well formed; the scopes that only get a refresh token are low; each provider with
+    /// scopes says something about them.
+    #[test]
+    fn every_entry_has_valid_risks() {
+        for p in providers() {
+            let n = &p.name;
+            let table = RiskTable {
+                scopes: &p.scope_risks,
+                default: p.default_risk.unwrap_or_default(),
+            };
+            table.validate().unwrap_or_else(|e| panic!("{n}: {e}"));
+            for s in &p.offline_scopes {
+                assert_eq!(table.risk_of(s), Risk::Low, "{n}: offline scope {s}");
+            }
+            assert!(
+                p.default_risk.is_some(),
+                "{n}: name a default_risk for scopes the table does not list"
+            );
+            if !p.default_scopes.is_empty() {
+                assert!(!p.scope_risks.is_empty(), "{n}: no scope_risks");
+            }
+        }
+        // The raw JSON: levels are lower-case names, nothing else.
+        let raw: serde_json::Value =
+            serde_json::from_str(include_str!("catalog/providers.json")).unwrap();
+        for entry in raw.as_array().unwrap() {
+            for level in entry["scope_risks"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+                .chain(entry.get("default_risk"))
+            {
+                Risk::parse(level.as_str().unwrap()).unwrap();
+            }
+        }
+        // A level the catalog does not know is refused as it loads.
+        let bad = r#"{"scope_risks": {"repo": "severe"}}"#;
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Only {
+            scope_risks: BTreeMap<String, Risk>,
+        }
+        assert!(serde_json::from_str::<Only>(bad).is_err());
+    }
+
+    #[test]
+    fn catalog_risks_follow_the_issue() {
+        let gh = completed("github");
+        let t = risk_table(&gh);
+        for (scope, risk) in [
+            ("read:user", Risk::Low),
+            ("read:org", Risk::Low),
+            ("user:email", Risk::Low),
+            ("repo", Risk::High),
+            ("public_repo", Risk::High),
+            ("write:packages", Risk::High),
+            ("workflow", Risk::High),
+            ("delete_repo", Risk::Critical),
+            ("admin:org", Risk::Critical),
+            ("admin:repo_hook", Risk::Critical),
+            ("gist", Risk::Medium),
+        ] {
+            assert_eq!(t.risk_of(scope), risk, "github {scope}");
+        }
+        let google = risk_table(&completed("google"));
+        assert_eq!(google.risk_of("openid"), Risk::Low);
+        assert_eq!(
+            google.risk_of("https://www.googleapis.com/auth/drive.readonly"),
+            Risk::Low
+        );
+        assert_eq!(
+            google.risk_of("https://www.googleapis.com/auth/gmail.send"),
+            Risk::High
+        );
+        assert_eq!(google.risk_of("https://mail.google.com/"), Risk::Critical);
+        let ms = risk_table(&completed("microsoft"));
+        assert_eq!(ms.risk_of("User.Read"), Risk::Low);
+        assert_eq!(ms.risk_of("Mail.ReadWrite"), Risk::High);
+        assert_eq!(ms.risk_of("Directory.ReadWrite.All"), Risk::Critical);
+        let slack = risk_table(&completed("slack"));
+        assert_eq!(slack.risk_of("channels:read"), Risk::Low);
+        assert_eq!(slack.risk_of("chat:write"), Risk::High);
+        let demo = risk_table(&completed(DEMO));
+        for s in demo_paths::SCOPES {
+            assert!(
+                demo_paths::SCOPE_RISKS.iter().any(|(k, _)| k == s),
+                "demo scope {s} has a level"
+            );
+        }
+        assert_eq!(demo.risk_of("repo:read"), Risk::Low);
+        assert_eq!(demo.risk_of("repo:write"), Risk::High);
+        // Generic connections: low unless a grant says otherwise.
+        let mut generic = completed("github");
+        generic.provider = GENERIC.into();
+        assert_eq!(risk_table(&generic).risk_of("delete_everything"), Risk::Low);
     }
 
     #[test]

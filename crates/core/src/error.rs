@@ -24,6 +24,9 @@ pub struct OAuthError {
     pub retry_after: Option<u64>,
     /// Where the user can connect the missing account (on `federated_connection_…_not_found`).
     pub connect_uri: Option<String>,
+    /// More members of the JSON error body: `interval` on `slow_down`; `auth_req_id`,
+    /// `expires_in`, `interval` on an exchange waiting for approval.
+    pub extra: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl fmt::Display for OAuthError {
@@ -43,6 +46,7 @@ impl OAuthError {
             source: ErrorSource::Client,
             retry_after: None,
             connect_uri: None,
+            extra: Vec::new(),
         }
     }
 
@@ -70,6 +74,11 @@ impl OAuthError {
     }
     pub fn unsupported_grant_type(d: impl Into<String>) -> Self {
         Self::client(400, "unsupported_grant_type", d)
+    }
+    /// The request is well-formed and the client known, but policy refuses it now (outside the
+    /// grant's hours, an approval missing or denied).
+    pub fn access_denied(d: impl Into<String>) -> Self {
+        Self::client(403, "access_denied", d)
     }
     pub fn too_many_requests(d: impl Into<String>, retry_after: u64) -> Self {
         Self {
@@ -101,6 +110,7 @@ impl OAuthError {
             source: ErrorSource::Upstream,
             retry_after: Some(retry_after),
             connect_uri: None,
+            extra: Vec::new(),
         }
     }
 
@@ -115,6 +125,7 @@ impl OAuthError {
             source: ErrorSource::Internal,
             retry_after: Some(1),
             connect_uri: None,
+            extra: Vec::new(),
         }
     }
 
@@ -127,6 +138,7 @@ impl OAuthError {
             source: ErrorSource::Internal,
             retry_after: None,
             connect_uri: None,
+            extra: Vec::new(),
         }
     }
 }

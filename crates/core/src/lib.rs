@@ -17,6 +17,7 @@ pub mod error;
 pub mod keys;
 pub mod model;
 pub mod params;
+pub mod policy;
 pub mod rate;
 pub mod refresh;
 pub mod scope;

@@ -26,6 +26,8 @@ pub struct Session {
     pub authenticated_at: i64,
     /// The password was right but the TOTP code is still owed: not signed in yet.
     pub pending_mfa: bool,
+    /// When the user last gave a TOTP code in this session (sign-in or step-up).
+    pub mfa_at: Option<i64>,
 }
 
 /// An upstream provider configuration ("github", "demo-git", …).
@@ -187,6 +189,8 @@ pub struct Grant {
     pub scopes: Scopes,
     /// CIDR blocks or addresses; empty means any address.
     pub ip_allowlist: Vec<String>,
+    /// Risk overrides, allowed hours, lifetime cap, quotas (stored as JSON with the grant).
+    pub policy: crate::policy::GrantPolicy,
     pub created_at: i64,
 }
 
@@ -261,4 +265,112 @@ pub struct AuditCheckpoint {
     /// The Ed25519 public key (base64url) that signed it.
     pub public_key: String,
     pub signature: String,
+}
+
+/// What an approval was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApprovalKind {
+    /// A client's CIBA request (`/bc-authorize`): Latchkey's own tokens once approved.
+    Ciba,
+    /// A token exchange the policy holds for the user: the upstream token once approved.
+    Exchange,
+}
+
+impl ApprovalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ciba => "ciba",
+            Self::Exchange => "exchange",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        if s == "exchange" {
+            Self::Exchange
+        } else {
+            Self::Ciba
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApprovalStatus {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+    /// Used up: a CIBA request whose tokens were issued, or a single-use approval consumed.
+    Redeemed,
+}
+
+impl ApprovalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::Expired => "expired",
+            Self::Redeemed => "redeemed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "approved" => Self::Approved,
+            "denied" => Self::Denied,
+            "expired" => Self::Expired,
+            "redeemed" => Self::Redeemed,
+            _ => return None,
+        })
+    }
+}
+
+/// A request waiting for (or given) the user's decision. Its `auth_req_id` is never stored:
+/// only its SHA-256 (`req_hash`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Approval {
+    /// `apr_…`: names the approval on the page, in the CLI and in webhooks (not a secret).
+    pub id: String,
+    pub req_hash: String,
+    pub kind: ApprovalKind,
+    /// The client that asked; only it may redeem the `auth_req_id`.
+    pub client_id: String,
+    pub user_id: String,
+    /// The connection (name) of an exchange.
+    pub connection: Option<String>,
+    /// Upstream scopes of an exchange, or the CIBA `scope`.
+    pub scopes: Scopes,
+    /// The CIBA `audience`, when one was named.
+    pub audience: Option<String>,
+    /// RFC 9396 `authorization_details`, verbatim as sent.
+    pub authorization_details: Option<String>,
+    pub binding_message: Option<String>,
+    /// A privileged worker's stated reason.
+    pub audit_context: Option<String>,
+    /// The exchange's `login_hint` (which of the user's accounts).
+    pub login_hint: Option<String>,
+    /// `low`, `medium`, `high` or `critical`.
+    pub risk: String,
+    /// Approving needs the user's TOTP code within the step-up window.
+    pub step_up: bool,
+    /// Consumed by its first redemption.
+    pub single_use: bool,
+    /// Digest of exactly what was asked: an approval covers that request and nothing more.
+    pub request_hash: String,
+    pub status: ApprovalStatus,
+    pub created_at: i64,
+    /// Pending: the decision deadline; approved: until when it may be redeemed.
+    pub expires_at: i64,
+    /// Seconds the client must leave between polls.
+    pub interval: i64,
+    pub last_polled_at: Option<i64>,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<i64>,
+    /// The approver gave a TOTP code for it (or had, within the step-up window).
+    pub stepped_up: bool,
+    /// When the `auth_req_id` was redeemed at the token endpoint.
+    pub redeemed_at: Option<i64>,
+    /// Why it was decided so (a denial's reason, an expiry).
+    pub reason: Option<String>,
 }

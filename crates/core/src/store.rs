@@ -173,6 +173,53 @@ pub struct AccountConnect {
     pub expires_at: i64,
 }
 
+/// Limits on pending approvals (anti-fatigue), checked in the transaction that adds one.
+#[derive(Clone, Copy, Debug)]
+pub struct ApprovalCaps {
+    pub per_user: i64,
+    pub per_client: i64,
+}
+
+/// What [`Store::create_approval`] did.
+#[derive(Debug)]
+pub enum ApprovalCreated {
+    Created,
+    /// An identical request is already pending: it is the one the user sees (collapse).
+    Existing(Box<Approval>),
+    /// A cap is reached (`"user"` or `"agent"`); the earliest pending one expires at this time.
+    TooMany {
+        per: &'static str,
+        next_expiry: i64,
+    },
+}
+
+/// A change of an approval's state, applied only if it is still in `from` (and, when `live`,
+/// unexpired at `at`), with its audit entry in the same transaction.
+#[derive(Clone, Debug)]
+pub struct ApprovalUpdate {
+    pub id: String,
+    pub from: ApprovalStatus,
+    pub to: ApprovalStatus,
+    pub at: i64,
+    pub live: bool,
+    /// Set on a decision: who decided (`user:usr_…`, `operator:local`, …), at `at`.
+    pub decided_by: Option<String>,
+    pub stepped_up: bool,
+    /// A new deadline (an approval gets its redemption window).
+    pub expires_at: Option<i64>,
+    /// The `auth_req_id` is redeemed now (only once).
+    pub redeem: bool,
+    pub reason: Option<String>,
+}
+
+/// Which approvals to list, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct ApprovalFilter {
+    pub user_id: Option<String>,
+    pub status: Option<ApprovalStatus>,
+    pub limit: i64,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     // Keys and server secrets.
@@ -440,4 +487,47 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap liveness check of the database.
     async fn ping(&self) -> StoreResult<()>;
+
+    // Approvals: CIBA requests and exchanges held for the user's decision.
+    /// In one transaction: unless an identical request (same `request_hash`, client and user)
+    /// is pending and unexpired (returned instead), or a cap on pending requests of the user or
+    /// the client is reached, insert `a` with its audit entry.
+    async fn create_approval(
+        &self,
+        a: &Approval,
+        caps: ApprovalCaps,
+        audit: &AuditRecord,
+    ) -> StoreResult<ApprovalCreated>;
+    async fn approval(&self, id: &str) -> StoreResult<Option<Approval>>;
+    /// By the SHA-256 of its `auth_req_id`.
+    async fn approval_by_req_hash(&self, hash: &str) -> StoreResult<Option<Approval>>;
+    /// The newest approved, unexpired approval of exactly this request.
+    async fn usable_approval(
+        &self,
+        request_hash: &str,
+        client_id: &str,
+        user_id: &str,
+        now: i64,
+    ) -> StoreResult<Option<Approval>>;
+    async fn list_approvals(&self, f: &ApprovalFilter) -> StoreResult<Vec<Approval>>;
+    /// Apply `u` (see [`ApprovalUpdate`]) and append `audit`, in one transaction; false (and
+    /// nothing written) if the approval was no longer in the expected state.
+    async fn update_approval(&self, u: &ApprovalUpdate, audit: &AuditRecord) -> StoreResult<bool>;
+    /// A poll of a pending request: when, and the interval from now on (raised by `slow_down`).
+    async fn record_approval_poll(&self, id: &str, at: i64, interval: i64) -> StoreResult<()>;
+    /// A CIBA request's tokens are issued, in one transaction: approved → redeemed (iff still
+    /// approved and unexpired at `at`), the token family and its refresh token, the audit
+    /// entries. False (nothing written) if another redemption won.
+    async fn redeem_ciba_approval(
+        &self,
+        id: &str,
+        at: i64,
+        family: &TokenFamily,
+        refresh_hash: Option<&str>,
+        audits: &[AuditRecord],
+    ) -> StoreResult<bool>;
+    /// Pending or approved approvals whose deadline has passed, oldest first.
+    async fn due_approvals(&self, now: i64, limit: i64) -> StoreResult<Vec<Approval>>;
+    /// The session's user gave a TOTP code at `at` (step-up).
+    async fn record_session_mfa(&self, hash: &str, at: i64) -> StoreResult<()>;
 }

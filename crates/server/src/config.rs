@@ -48,6 +48,19 @@ pub struct Config {
     /// Also send every audit entry to `webhook_url` (event `audit.entry`), at least once,
     /// off the request path.
     pub audit_webhook: bool,
+    /// Longest time an approval request (CIBA `requested_expiry`, or an exchange held for
+    /// approval) waits for the user's decision, in seconds; also the default.
+    pub approval_expiry_secs: i64,
+    /// Seconds a client must wait between polls of a request (`interval`).
+    pub approval_interval_secs: i64,
+    /// Once approved, seconds in which it may be redeemed (and covers identical exchanges).
+    pub approval_valid_secs: i64,
+    /// Approving a high or critical request needs a TOTP code given within this many minutes.
+    pub step_up_minutes: i64,
+    /// Pending approval requests one user may have at a time (more: 429).
+    pub approvals_pending_per_user: i64,
+    /// Pending approval requests one agent may have at a time (more: 429).
+    pub approvals_pending_per_agent: i64,
 }
 
 impl Default for Config {
@@ -69,6 +82,12 @@ impl Default for Config {
             webhook_secret: None,
             audit_retention_days: 0,
             audit_webhook: false,
+            approval_expiry_secs: 300,
+            approval_interval_secs: 5,
+            approval_valid_secs: 300,
+            step_up_minutes: 5,
+            approvals_pending_per_user: 10,
+            approvals_pending_per_agent: 20,
         }
     }
 }
@@ -112,6 +131,38 @@ impl Config {
             }
             (None, Some(_)) => Err("webhook_secret is set but webhook_url is not".into()),
         }
+    }
+
+    /// The approval settings, checked.
+    pub fn approvals(&self) -> Result<latchkey_core::vault::ApprovalSettings, String> {
+        let positive = [
+            ("approval_expiry_secs", self.approval_expiry_secs),
+            ("approval_interval_secs", self.approval_interval_secs),
+            ("approval_valid_secs", self.approval_valid_secs),
+            (
+                "approvals_pending_per_user",
+                self.approvals_pending_per_user,
+            ),
+            (
+                "approvals_pending_per_agent",
+                self.approvals_pending_per_agent,
+            ),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v < 1) {
+            return Err(format!("{name} must be at least 1"));
+        }
+        if self.step_up_minutes < 0 {
+            return Err("step_up_minutes must not be negative".into());
+        }
+        Ok(latchkey_core::vault::ApprovalSettings {
+            default_expiry: self.approval_expiry_secs,
+            max_expiry: self.approval_expiry_secs,
+            interval: self.approval_interval_secs,
+            valid_for: self.approval_valid_secs,
+            step_up_minutes: self.step_up_minutes,
+            pending_per_user: self.approvals_pending_per_user,
+            pending_per_agent: self.approvals_pending_per_agent,
+        })
     }
 
     /// The SQLite file, when the database is SQLite.

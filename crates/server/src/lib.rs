@@ -85,6 +85,7 @@ pub async fn open_vault(
     let (kek, reload) = kek::load(config, &db_path)?;
     let mut vault_config = VaultConfig::new(issuer);
     vault_config.agent_requests_per_minute = config.agent_requests_per_minute;
+    vault_config.approvals = config.approvals().map_err(anyhow::Error::msg)?;
     vault_config.webhook = config
         .webhook()
         .map_err(anyhow::Error::msg)?
@@ -223,6 +224,10 @@ impl Server {
                 tick.tick().await;
                 if let Err(e) = vault.store().purge_expired_jtis(vault.now()).await {
                     tracing::warn!(error = %e, "purging expired identifiers failed");
+                }
+                // Approval requests past their deadline: expired, recorded, reported.
+                if let Err(e) = vault.expire_approvals(500).await {
+                    tracing::warn!(code = e.code, "expiring approval requests failed");
                 }
                 if retention > 0 {
                     match vault.prune_audit(vault.now() - retention).await {

@@ -9,18 +9,18 @@ use latchkey_core::vault::webhook_signature;
 
 use crate::harness::*;
 
-const SECRET: &str = "a-webhook-secret-of-more-than-32-characters";
+pub(crate) const SECRET: &str = "a-webhook-secret-of-more-than-32-characters";
 
 /// A webhook receiver on 127.0.0.1:0 that records every request and fails the first
 /// `fail_next` of them with 500.
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     got: Arc<Mutex<Vec<(HeaderMap, String)>>>,
     fail_next: Arc<AtomicUsize>,
 }
 
 impl Receiver {
-    async fn start() -> (String, Self) {
+    pub(crate) async fn start() -> (String, Self) {
         let rx = Self::default();
         let state = rx.clone();
         let app = axum::Router::new().route(
@@ -44,12 +44,12 @@ impl Receiver {
         (url, rx)
     }
 
-    fn requests(&self) -> Vec<(HeaderMap, String)> {
+    pub(crate) fn requests(&self) -> Vec<(HeaderMap, String)> {
         self.got.lock().unwrap().clone()
     }
 }
 
-async fn server_with_webhook(audit_webhook: bool) -> (TestServer, Receiver) {
+pub(crate) async fn server_with_webhook(audit_webhook: bool) -> (TestServer, Receiver) {
     let (url, rx) = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = latchkey_server::Config {
@@ -64,7 +64,7 @@ async fn server_with_webhook(audit_webhook: bool) -> (TestServer, Receiver) {
 }
 
 /// Deliver (moving the clock past each retry delay) until the receiver has seen `n` requests.
-async fn deliver_until(ts: &TestServer, rx: &Receiver, n: usize) {
+pub(crate) async fn deliver_until(ts: &TestServer, rx: &Receiver, n: usize) {
     for _ in 0..10 {
         ts.vault.deliver_webhooks(10).await;
         if rx.requests().len() >= n {
@@ -78,12 +78,12 @@ async fn deliver_until(ts: &TestServer, rx: &Receiver, n: usize) {
     );
 }
 
-fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
+pub(crate) fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
     h.get(name).unwrap().to_str().unwrap()
 }
 
 /// The signature header checks out against the raw body.
-fn assert_signed(h: &HeaderMap, body: &str) {
+pub(crate) fn assert_signed(h: &HeaderMap, body: &str) {
     let sig = header(h, "latchkey-signature");
     let t: i64 = sig
         .strip_prefix("t=")

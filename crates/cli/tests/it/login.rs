@@ -5,7 +5,7 @@ use latchkey_crypto::totp;
 
 use crate::harness::*;
 
-fn base32_decode(s: &str) -> Vec<u8> {
+pub(crate) fn base32_decode(s: &str) -> Vec<u8> {
     let (mut out, mut buffer, mut bits) = (Vec::new(), 0u32, 0u32);
     for c in s.bytes() {
         let v = match c {
@@ -24,7 +24,7 @@ fn base32_decode(s: &str) -> Vec<u8> {
 }
 
 /// Enrol and confirm TOTP for the demo user through the CLI; returns the seed.
-fn enrol(ts: &TestServer) -> Vec<u8> {
+pub(crate) fn enrol(ts: &TestServer) -> Vec<u8> {
     let out = ts.cli(&["user", "mfa", "demo", "--json"]);
     assert!(
         out.status.success(),
@@ -66,7 +66,10 @@ fn enrol(ts: &TestServer) -> Vec<u8> {
     seed
 }
 
-async fn password_step(ts: &TestServer, password: &str) -> (u16, Option<String>, String) {
+pub(crate) async fn password_step(
+    ts: &TestServer,
+    password: &str,
+) -> (u16, Option<String>, String) {
     let (_, _, page) = ts.browse("/login?next=/account").await;
     let csrf = hidden_field(&page, "csrf");
     let (status, location, body) = ts
@@ -83,7 +86,7 @@ async fn password_step(ts: &TestServer, password: &str) -> (u16, Option<String>,
     (status.as_u16(), location, body)
 }
 
-async fn code_step(ts: &TestServer, code: &str) -> (u16, Option<String>) {
+pub(crate) async fn code_step(ts: &TestServer, code: &str) -> (u16, Option<String>) {
     let (status, _, page) = ts.browse("/login/totp?next=/account").await;
     assert_eq!(status, 200, "the code form is shown to a pending session");
     let csrf = hidden_field(&page, "csrf");

@@ -4,6 +4,7 @@
 mod harness;
 
 mod admin_api;
+mod approvals;
 mod at_rest;
 mod audit;
 mod audit_api;
@@ -14,11 +15,13 @@ mod connected_accounts;
 mod crash;
 mod health;
 mod interop;
+mod interop_ciba;
 mod interop_node;
 mod interop_server_python;
 mod lifecycle;
 mod login;
 mod oidc;
 mod ops;
+mod policy;
 mod refresh;
 mod walkthrough;

@@ -147,7 +147,7 @@ pub(crate) async fn code_grant(ts: &TestServer, app: &App, code: &str, verifier:
     .await
 }
 
-async fn userinfo(ts: &TestServer, access: &str) -> (u16, Value, Option<String>) {
+pub(crate) async fn userinfo(ts: &TestServer, access: &str) -> (u16, Value, Option<String>) {
     let resp = ts
         .http
         .get(ts.url("/userinfo"))
@@ -163,7 +163,7 @@ async fn userinfo(ts: &TestServer, access: &str) -> (u16, Value, Option<String>)
     (status, resp.json().await.unwrap_or(Value::Null), challenge)
 }
 
-fn claims_unverified(jwt: &str) -> Value {
+pub(crate) fn claims_unverified(jwt: &str) -> Value {
     serde_json::from_slice(&B64.decode(jwt.split('.').nth(1).unwrap()).unwrap()).unwrap()
 }
 

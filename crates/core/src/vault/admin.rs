@@ -2,6 +2,7 @@
 //! admin API and dashboard) change, each change with its audit entry.
 
 use super::*;
+use crate::policy::GrantPolicy;
 
 impl Vault {
     // ---------------------------------------------------------------------------------------
@@ -137,13 +138,37 @@ impl Vault {
         Ok((agent, secret.map(SecretString::from)))
     }
 
-    /// Allow an agent `scopes` on a connection (replacing an earlier grant).
+    /// Allow an agent `scopes` on a connection (replacing an earlier grant), with no policy
+    /// beyond them: catalog risks, any hour, no lifetime cap, no quota.
     pub async fn grant(
         &self,
         agent_id: &str,
         connection: &str,
         scopes: Scopes,
         ip_allowlist: Vec<String>,
+        actor: &Actor,
+    ) -> Result<Grant, AdminError> {
+        self.grant_with_policy(
+            agent_id,
+            connection,
+            scopes,
+            ip_allowlist,
+            GrantPolicy::default(),
+            actor,
+        )
+        .await
+    }
+
+    /// Allow an agent `scopes` on a connection under `policy` (risk overrides, hours, lifetime
+    /// cap, quotas), replacing an earlier grant whole. Everything is checked before anything
+    /// is written.
+    pub async fn grant_with_policy(
+        &self,
+        agent_id: &str,
+        connection: &str,
+        scopes: Scopes,
+        ip_allowlist: Vec<String>,
+        policy: GrantPolicy,
         actor: &Actor,
     ) -> Result<Grant, AdminError> {
         let agent = self
@@ -166,18 +191,31 @@ impl Vault {
                 AdminError::Invalid(format!("`{entry}` is not an IP address or CIDR block"))
             })?;
         }
+        policy
+            .validate(&scopes)
+            .map_err(|e| AdminError::Invalid(e.to_string()))?;
         let grant = Grant {
             agent_id: agent.id,
             connection_id: conn.id,
             scopes,
             ip_allowlist,
+            policy,
             created_at: self.now(),
+        };
+        let reason = if grant.policy == GrantPolicy::default() {
+            format!("grant to {}", grant.agent_id)
+        } else {
+            format!(
+                "grant to {}; policy {}",
+                grant.agent_id,
+                grant.policy.to_json()
+            )
         };
         let audit = AuditRecord {
             connection: Some(conn.name),
             agent_id: Some(grant.agent_id.clone()),
             scopes: Some(grant.scopes.to_string_spaced()),
-            reason: Some(format!("grant to {}", grant.agent_id)),
+            reason: Some(reason),
             ..self.audit(actor, "grant.upsert")
         };
         self.store.upsert_grant(&grant, &audit).await?;

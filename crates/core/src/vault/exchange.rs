@@ -6,9 +6,9 @@ use super::*;
 
 pub(super) struct AuthenticatedClient {
     pub(super) agent: Agent,
-    method: &'static str,
+    pub(super) method: &'static str,
     keys: Option<Vec<PublicKey>>,
-    assertion_jti: Option<JtiUse>,
+    pub(super) assertion_jti: Option<JtiUse>,
 }
 
 /// What a token request had shown by the time it was refused: the facts for the refusal's
@@ -115,7 +115,12 @@ impl Vault {
         basic: Option<&BasicCredentials>,
         ctx: &RequestContext,
     ) {
-        if e.source != crate::error::ErrorSource::Client {
+        // A CIBA poll of a request still waiting for the user is no decision (and would flood
+        // the trail): the request and its outcome are recorded as `approval.*` entries.
+        if e.source != crate::error::ErrorSource::Client
+            || (params.get("grant_type") == Some(super::ciba::GRANT_CIBA)
+                && matches!(e.code, "authorization_pending" | "slow_down"))
+        {
             return;
         }
         let client_failed =
@@ -191,6 +196,7 @@ impl Vault {
                 self.refresh_grant(params, &client.agent, ctx, attempt)
                     .await
             }
+            super::ciba::GRANT_CIBA => self.ciba_grant(params, &client, ctx, attempt).await,
             "authorization_code" | "refresh_token" => Err(OAuthError::unauthorized_client(
                 "this client is not an app with redirect URIs",
             )),
@@ -548,6 +554,39 @@ impl Vault {
             s
         };
 
+        // Policy beyond the scopes: the grant's hours, its quotas, and the risk of what would
+        // be released (an approval for medium and above). Refusals name the rule.
+        let quota = self.grant_policy_gate(&grant, &connection, &user.id)?;
+        let policy = &grant.policy;
+        let assessment =
+            crate::policy::assess(&scope, catalog::risk_table(&connection), &policy.risk);
+        let approval = if assessment.requirement().approval {
+            Some(
+                self.approval_gate(&crate::policy::ApprovalRequest {
+                    agent_id: agent.id.clone(),
+                    user_id: user.id.clone(),
+                    connection: connection.name.clone(),
+                    scopes: scope.clone(),
+                    risk: assessment.risk,
+                    scope_risks: assessment.scopes.clone(),
+                    requirement: assessment.requirement(),
+                    request_hash: crate::policy::request_hash(
+                        &agent.id,
+                        &user.id,
+                        &connection.name,
+                        &scope,
+                    ),
+                    binding_message: params.get("binding_message").map(str::to_owned),
+                    authorization_details: params.get("authorization_details").map(str::to_owned),
+                    audit_context: subject.audit_context.clone(),
+                    login_hint: params.get("login_hint").map(str::to_owned),
+                })
+                .await?,
+            )
+        } else {
+            None
+        };
+
         let (access_token, expires_at) = self
             .fresh_access_token(
                 account.clone(),
@@ -557,15 +596,40 @@ impl Vault {
             )
             .await?;
         let now = self.now();
-        let expires_in = match expires_at {
+        // The grant's cap shortens what the answer says (and so how long SDKs cache it); the
+        // upstream token itself lives as long as the provider made it.
+        let expires_in = policy.cap_lifetime(match expires_at {
             Some(t) => (t - now).max(1),
             None => self.config.non_expiring_ttl,
-        };
+        });
 
         let mut jtis = Vec::with_capacity(2);
         let assertion_index = client.assertion_jti.as_ref().map(|_| 0);
         jtis.extend(client.assertion_jti);
         jtis.extend(subject.jti);
+        // A single-use approval is consumed in the release's transaction, like a `jti`.
+        let mut approval_index = None;
+        let mut approval_note = String::new();
+        if let Some(crate::policy::ApprovalOutcome::Approved {
+            approval_id,
+            approved_by,
+            single_use,
+        }) = approval
+        {
+            approval_note = format!(
+                "; risk {}, approved by {approved_by} ({approval_id}{})",
+                assessment.risk,
+                if single_use.is_some() {
+                    ", single use"
+                } else {
+                    ""
+                }
+            );
+            if let Some(key) = single_use {
+                approval_index = Some(jtis.len());
+                jtis.push(key);
+            }
+        }
         let audit = AuditRecord {
             at: now,
             actor_type: "agent".into(),
@@ -579,7 +643,7 @@ impl Vault {
             scopes: Some(scope.to_string_spaced()),
             decision: "allow".into(),
             reason: Some(format!(
-                "token {}",
+                "token {}{approval_note}",
                 secrets::sha256_b64(access_token.expose_secret().as_bytes())
             )),
             audit_context: subject.audit_context,
@@ -588,7 +652,12 @@ impl Vault {
             notify: None,
         };
         match self.store.commit_release(&jtis, &account.id, &audit).await {
-            Ok(()) => {}
+            Ok(()) => quota.keep(),
+            Err(ReleaseError::Replay(i)) if Some(i) == approval_index => {
+                return Err(OAuthError::access_denied(
+                    "the approval of this request was single use and is already used; ask again",
+                ));
+            }
             Err(ReleaseError::Replay(i)) if Some(i) == assertion_index => {
                 return Err(OAuthError::invalid_client(
                     "client assertion rejected: `jti` was already used",
@@ -614,6 +683,75 @@ impl Vault {
             issued_token_type: Some(issued_token_type),
             id_token: None,
             refresh_token: None,
+            authorization_details: None,
+        })
+    }
+
+    /// The grant's policy for a release about to happen, beyond scopes and address: a policy
+    /// that reads back, the allowed hours, then the quotas (counted now; the slots come back
+    /// unless the caller [`keep`](crate::rate::QuotaReservation::keep)s them after the release
+    /// commits). Every release of an upstream token under a grant goes through it; the caller
+    /// also caps `expires_in` with [`crate::policy::GrantPolicy::cap_lifetime`].
+    pub(super) fn grant_policy_gate(
+        &self,
+        grant: &Grant,
+        connection: &Connection,
+        user_id: &str,
+    ) -> Result<crate::rate::QuotaReservation<'_>, OAuthError> {
+        let policy = &grant.policy;
+        if let Some(why) = &policy.unreadable {
+            return Err(OAuthError::access_denied(format!(
+                "the policy stored with the grant cannot be read ({why}); an operator must set the grant again"
+            )));
+        }
+        let now = self.now();
+        if !crate::policy::within_hours(&policy.hours, now) {
+            let hours: Vec<String> = policy.hours.iter().map(ToString::to_string).collect();
+            return Err(OAuthError::access_denied(format!(
+                "outside the hours the grant allows ({}); it is now {}",
+                hours.join("; "),
+                policy.hours[0].local_time(now)
+            )));
+        }
+        self.reserve_quota(grant, connection, user_id)
+    }
+
+    /// Count this exchange against the grant's quotas (all or nothing), or refuse it: 429 with
+    /// `Retry-After` until the window that is full ends. The slots are given back if the
+    /// exchange fails later.
+    pub(super) fn reserve_quota(
+        &self,
+        grant: &Grant,
+        connection: &Connection,
+        user_id: &str,
+    ) -> Result<crate::rate::QuotaReservation<'_>, OAuthError> {
+        let rules = grant.policy.quotas.rules();
+        let checks: Vec<crate::rate::QuotaCheck> = rules
+            .iter()
+            .map(|r| crate::rate::QuotaCheck {
+                counter: r.counter(&grant.agent_id, user_id, &connection.id),
+                window: r.window,
+                limit: r.limit,
+            })
+            .collect();
+        self.quotas.reserve(&checks, self.now()).map_err(|e| {
+            let rule = rules[e.index];
+            let who = match rule.subject {
+                crate::policy::QuotaSubject::Agent => format!("agent {}", grant.agent_id),
+                crate::policy::QuotaSubject::User => format!("user {user_id}"),
+            };
+            OAuthError::too_many_requests(
+                format!(
+                    "quota reached: {who} has had {} exchanges on {} this {} ({} {}); retry in {} s",
+                    rule.limit,
+                    connection.name,
+                    rule.window.as_str(),
+                    rule.flag(),
+                    rule.limit,
+                    e.retry_after
+                ),
+                e.retry_after,
+            )
         })
     }
 
@@ -660,7 +798,7 @@ impl Vault {
         })
     }
 
-    async fn pick_account(
+    pub(super) async fn pick_account(
         &self,
         user_id: &str,
         connection: &Connection,
@@ -745,7 +883,7 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     (prefix <= max).then_some((addr, prefix))
 }
 
-fn ip_allowed(ip: IpAddr, list: &[String]) -> bool {
+pub(super) fn ip_allowed(ip: IpAddr, list: &[String]) -> bool {
     let ip = match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()

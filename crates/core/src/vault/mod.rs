@@ -8,7 +8,10 @@
 //!
 //! The parts: `exchange` (the token endpoint), `tokens` (upstream tokens: cache, narrowing,
 //! single-flight refresh), `connect` (authorization code + PKCE towards a provider), `admin`
-//! (the registry), `users` (accounts, passwords, TOTP, sign-in and sessions). This file holds the service itself and what they share.
+//! (the registry), `users` (accounts, passwords, TOTP, sign-in and sessions), `ciba` (CIBA:
+//! `/bc-authorize`, its grant, the approval record), `approvals` (the exchange's approval gate,
+//! the user's and operators' decisions, step-up, expiry). This file holds the service itself
+//! and what they share.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -35,7 +38,9 @@ use crate::store::{
 use crate::upstream::{Endpoints, Upstream, UpstreamError, UpstreamTokens};
 
 mod admin;
+mod approvals;
 mod audit;
+mod ciba;
 mod connect;
 mod exchange;
 mod my_account;
@@ -45,7 +50,9 @@ mod users;
 mod webhooks;
 
 pub use admin::{AdminError, NewClient, OPERATOR_TOKEN_PREFIX, RevokeOutcome};
+pub use approvals::{ApprovalDecision, DecideError, Decider};
 pub use audit::AuditVerification;
+pub use ciba::{ApprovalSettings, BackchannelResponse, GRANT_CIBA};
 pub use connect::ConnectDone;
 pub use exchange::parse_cidr;
 pub use my_account::Problem;
@@ -91,6 +98,8 @@ pub struct VaultConfig {
     pub agent_requests_per_minute: u32,
     /// Signed webhooks for account health (and later approvals and audit), if configured.
     pub webhook: Option<WebhookConfig>,
+    /// CIBA requests and approvals: deadlines, polling, step-up, anti-fatigue caps.
+    pub approvals: ApprovalSettings,
 }
 
 impl VaultConfig {
@@ -112,6 +121,7 @@ impl VaultConfig {
             session_ttl: 8 * 3600,
             agent_requests_per_minute: 0,
             webhook: None,
+            approvals: ApprovalSettings::default(),
         }
     }
 
@@ -152,6 +162,8 @@ pub struct TokenResponse {
     pub id_token: Option<String>,
     /// For apps' `offline_access` sign-ins (never for token exchanges).
     pub refresh_token: Option<SecretString>,
+    /// A CIBA request's RFC 9396 `authorization_details`, echoed as approved.
+    pub authorization_details: Option<serde_json::Value>,
 }
 
 /// New connection settings (CLI and admin API).
@@ -223,6 +235,8 @@ pub struct Vault {
     signing: std::sync::RwLock<Arc<SigningKeys>>,
     refresh_locks: RefreshLocks,
     rate: crate::rate::RateLimiter,
+    /// The grants' quotas (per agent and per user, per minute and per day), this node's count.
+    quotas: crate::rate::QuotaCounters,
     login_failures: crate::rate::FailureLimiter,
     /// Signs audit checkpoints.
     checkpoints: latchkey_crypto::audit::CheckpointSigner,
@@ -272,6 +286,7 @@ impl Vault {
             pepper,
             refresh_locks: RefreshLocks::default(),
             rate: Default::default(),
+            quotas: Default::default(),
             login_failures: Default::default(),
         })
     }

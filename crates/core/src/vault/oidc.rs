@@ -38,11 +38,11 @@ pub enum Authorize {
 }
 
 /// What to put in the tokens one grant issues.
-struct Issue<'a> {
-    scope: &'a Scopes,
-    audience: &'a str,
-    nonce: Option<&'a str>,
-    refresh: Option<String>,
+pub(super) struct Issue<'a> {
+    pub(super) scope: &'a Scopes,
+    pub(super) audience: &'a str,
+    pub(super) nonce: Option<&'a str>,
+    pub(super) refresh: Option<String>,
 }
 
 /// A verified Latchkey access token.
@@ -487,7 +487,7 @@ impl Vault {
 
     /// Audiences Latchkey issues access tokens for: itself, the My Account API (by refresh
     /// only), and the APIs registered as resource servers.
-    async fn known_audience(
+    pub(super) async fn known_audience(
         &self,
         audience: &str,
         allow_my_account: bool,
@@ -577,7 +577,7 @@ impl Vault {
             .map_err(store_err)
     }
 
-    fn tokens_for(
+    pub(super) fn tokens_for(
         &self,
         user: &User,
         client: &Agent,
@@ -622,6 +622,7 @@ impl Vault {
             issued_token_type: None,
             id_token,
             refresh_token: refresh.map(SecretString::from),
+            authorization_details: None,
         }
     }
 

@@ -315,6 +315,7 @@ struct GrantView {
     connection: String,
     scopes: Vec<String>,
     ip_allowlist: Vec<String>,
+    policy: latchkey_core::policy::GrantPolicy,
     created_at: String,
 }
 
@@ -338,6 +339,7 @@ fn agent_view(a: Agent, grants: &[Grant], connections: &[Connection]) -> AgentVi
                 .map_or_else(|| g.connection_id.clone(), |c| c.name.clone()),
             scopes: scope_list(&g.scopes),
             ip_allowlist: g.ip_allowlist.clone(),
+            policy: g.policy.clone(),
             created_at: rfc3339(g.created_at),
         })
         .collect();

@@ -16,6 +16,9 @@ pub fn oauth_error(e: &OAuthError) -> Response {
     if let Some(uri) = &e.connect_uri {
         body["connect_uri"] = serde_json::Value::String(uri.clone());
     }
+    for (name, value) in &e.extra {
+        body[*name] = value.clone();
+    }
     if e.source == ErrorSource::Internal && status.is_server_error() {
         tracing::warn!(code = e.code, "request failed internally");
     }

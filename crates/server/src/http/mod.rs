@@ -2,6 +2,7 @@
 //! (errors through [`errors`] only).
 
 mod admin;
+mod approvals;
 mod errors;
 mod my_account;
 mod oauth;
@@ -74,6 +75,12 @@ pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
     let mut app = Router::new()
         .route("/oauth/token", post(oauth::token))
         .route("/oauth/revoke", post(oauth::revoke))
+        .route("/bc-authorize", post(approvals::bc_authorize))
+        .route("/approvals", get(approvals::list))
+        .route(
+            "/approvals/{id}",
+            get(approvals::detail).post(approvals::decide),
+        )
         .route("/userinfo", get(oauth::userinfo).post(oauth::userinfo))
         .route("/authorize", get(web::authorize))
         .route("/connected-accounts/connect", get(web::connect_ticket))

@@ -63,6 +63,9 @@ pub async fn token(
             if let Some(r) = &t.refresh_token {
                 body["refresh_token"] = r.expose_secret().into();
             }
+            if let Some(d) = &t.authorization_details {
+                body["authorization_details"] = d.clone();
+            }
             json_response(StatusCode::OK, &body, None)
         }
         Err(e) => oauth_error(&e),
@@ -127,7 +130,7 @@ pub async fn userinfo(State(state): State<AppState>, headers: HeaderMap) -> Resp
     }
 }
 
-fn parse_body(headers: &HeaderMap, bytes: &[u8]) -> Result<Params, OAuthError> {
+pub(super) fn parse_body(headers: &HeaderMap, bytes: &[u8]) -> Result<Params, OAuthError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -199,7 +202,9 @@ impl<'de> Deserialize<'de> for JsonPairs {
 
 /// `Authorization: Basic` client credentials (RFC 6749 §2.3.1: form-encoded, then base64).
 /// Other schemes are ignored here (e.g. a `DPoP`-bound client sending other headers).
-fn basic_credentials(headers: &HeaderMap) -> Result<Option<BasicCredentials>, OAuthError> {
+pub(super) fn basic_credentials(
+    headers: &HeaderMap,
+) -> Result<Option<BasicCredentials>, OAuthError> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Ok(None);

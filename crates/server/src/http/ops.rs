@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use latchkey_core::vault::{GRANT_TOKEN_VAULT, MFA_ACR, MY_ACCOUNT_SCOPES};
+use latchkey_core::vault::{GRANT_CIBA, GRANT_TOKEN_VAULT, MFA_ACR, MY_ACCOUNT_SCOPES};
 
 use super::AppState;
 use super::errors::json_response;
@@ -25,7 +25,10 @@ pub async fn discovery(State(s): State<AppState>) -> Response {
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["RS256"],
             "code_challenge_methods_supported": ["S256"],
-            "grant_types_supported": [GRANT_TOKEN_VAULT, "authorization_code", "refresh_token"],
+            "grant_types_supported": [GRANT_TOKEN_VAULT, "authorization_code", "refresh_token", GRANT_CIBA],
+            "backchannel_authentication_endpoint": format!("{issuer}bc-authorize"),
+            "backchannel_token_delivery_modes_supported": ["poll"],
+            "backchannel_user_code_parameter_supported": false,
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
             "token_endpoint_auth_signing_alg_values_supported": ["RS256", "PS256", "ES256", "EdDSA"],
             "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],

@@ -13,17 +13,17 @@ use latchkey_core::vault::{Authorize, ConnectDone, RequestContext, SignIn};
 use super::{AppState, RequestMeta};
 
 /// The request's id and address, for the audit entries of what it does.
-fn context(meta: &RequestMeta) -> RequestContext {
+pub(super) fn context(meta: &RequestMeta) -> RequestContext {
     RequestContext {
         request_id: Some(meta.request_id.clone()),
         client_ip: meta.client_ip,
     }
 }
 
-const SESSION: &str = "latchkey_session";
-const CSRF: &str = "latchkey_csrf";
+pub(super) const SESSION: &str = "latchkey_session";
+pub(super) const CSRF: &str = "latchkey_csrf";
 
-fn esc(s: &str) -> String {
+pub(super) fn esc(s: &str) -> String {
     s.chars()
         .map(|c| match c {
             '&' => "&amp;".into(),
@@ -36,7 +36,7 @@ fn esc(s: &str) -> String {
         .collect()
 }
 
-fn page(status: StatusCode, title: &str, body: &str) -> Response {
+pub(super) fn page(status: StatusCode, title: &str, body: &str) -> Response {
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" \
          content=\"width=device-width, initial-scale=1\"><title>{t} · Latchkey</title></head><body><main>\
@@ -49,7 +49,7 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
     resp
 }
 
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+pub(super) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -60,7 +60,7 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-fn set_cookie(resp: &mut Response, s: &AppState, name: &str, value: &str, max_age: i64) {
+pub(super) fn set_cookie(resp: &mut Response, s: &AppState, name: &str, value: &str, max_age: i64) {
     let secure = if s.tls { "; Secure" } else { "" };
     let c = format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}");
     if let Ok(v) = HeaderValue::from_str(&c) {
@@ -88,7 +88,7 @@ fn safe_next(next: Option<&str>) -> String {
     }
 }
 
-fn login_to(next: &str) -> Response {
+pub(super) fn login_to(next: &str) -> Response {
     let target: String = url::form_urlencoded::byte_serialize(next.as_bytes()).collect();
     Redirect::to(&format!("/login?next={target}")).into_response()
 }
@@ -137,7 +137,7 @@ pub struct LoginForm {
     next: Option<String>,
 }
 
-fn csrf_ok(headers: &HeaderMap, submitted: &str) -> bool {
+pub(super) fn csrf_ok(headers: &HeaderMap, submitted: &str) -> bool {
     cookie(headers, CSRF)
         .is_some_and(|c| latchkey_crypto::secrets::ct_eq(c.as_bytes(), submitted.as_bytes()))
 }

@@ -28,6 +28,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("v2_lifecycle.sql")),
     (3, include_str!("v3_audit_chain.sql")),
     (4, include_str!("v4_audit_read.sql")),
+    (5, include_str!("v5_policy.sql")),
+    (6, include_str!("v6_approvals.sql")),
 ];
 
 #[derive(Clone, Debug)]
@@ -277,6 +279,40 @@ async fn insert_audit(
     Ok(())
 }
 
+/// A sign-in's token family and its first refresh token (if any), inside `tx`.
+async fn insert_family(
+    tx: &mut Transaction<'static, Sqlite>,
+    f: &TokenFamily,
+    refresh_hash: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO token_families (id, client_id, user_id, scope, auth_time, amr, revoked, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+    )
+    .bind(&f.id)
+    .bind(&f.client_id)
+    .bind(&f.user_id)
+    .bind(f.scope.to_string_spaced())
+    .bind(f.auth_time)
+    .bind(&f.amr)
+    .bind(f.created_at)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    if let Some(h) = refresh_hash {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (hash, family_id, state, created_at) VALUES (?, ?, 'active', ?)",
+        )
+        .bind(h)
+        .bind(&f.id)
+        .bind(f.created_at)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
 fn user_row(r: &SqliteRow) -> User {
     User {
         id: r.get("id"),
@@ -366,6 +402,18 @@ fn grant_row(r: &SqliteRow) -> Grant {
             .split_whitespace()
             .map(str::to_owned)
             .collect(),
+        policy: {
+            let policy = latchkey_core::policy::GrantPolicy::from_stored(r.get("policy"));
+            if let Some(why) = &policy.unreadable {
+                tracing::error!(
+                    agent = r.get::<&str, _>("agent_id"),
+                    connection = r.get::<&str, _>("connection_id"),
+                    error = %why,
+                    "a grant's stored policy does not read back; the grant releases nothing"
+                );
+            }
+            policy
+        },
         created_at: r.get("created_at"),
     }
 }
@@ -1136,13 +1184,14 @@ impl Store for SqliteStore {
     async fn upsert_grant(&self, g: &Grant, audit: &AuditRecord) -> StoreResult<()> {
         let mut tx = self.write().await?;
         sqlx::query(
-            "INSERT INTO grants (agent_id, connection_id, scopes, ip_allowlist, created_at) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT(agent_id, connection_id) DO UPDATE SET scopes = excluded.scopes, ip_allowlist = excluded.ip_allowlist",
+            "INSERT INTO grants (agent_id, connection_id, scopes, ip_allowlist, policy, created_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT(agent_id, connection_id) DO UPDATE SET scopes = excluded.scopes, ip_allowlist = excluded.ip_allowlist, policy = excluded.policy",
         )
         .bind(&g.agent_id)
         .bind(&g.connection_id)
         .bind(g.scopes.to_string_spaced())
         .bind(g.ip_allowlist.join(" "))
+        .bind(g.policy.to_json())
         .bind(g.created_at)
         .execute(&mut *tx)
         .await
@@ -1202,7 +1251,8 @@ impl Store for SqliteStore {
     async fn delete_user(&self, user_id: &str, audit: &AuditRecord) -> StoreResult<bool> {
         let mut tx = self.write().await?;
         // Children first (foreign keys), the user last.
-        const STATEMENTS: [&str; 9] = [
+        const STATEMENTS: [&str; 10] = [
+            "DELETE FROM approvals WHERE user_id = ?",
             "DELETE FROM scoped_tokens WHERE account_id IN (SELECT id FROM connected_accounts WHERE user_id = ?)",
             "DELETE FROM account_connects WHERE user_id = ?",
             "DELETE FROM connected_accounts WHERE user_id = ?",
@@ -1275,8 +1325,8 @@ impl Store for SqliteStore {
         expires_at: i64,
     ) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO sessions (hash, user_id, auth_methods, authenticated_at, pending_mfa, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sessions (hash, user_id, auth_methods, authenticated_at, pending_mfa, expires_at, mfa_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(hash)
         .bind(&session.user_id)
@@ -1284,6 +1334,7 @@ impl Store for SqliteStore {
         .bind(session.authenticated_at)
         .bind(session.pending_mfa as i64)
         .bind(expires_at)
+        .bind(session.mfa_at)
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
@@ -1302,6 +1353,7 @@ impl Store for SqliteStore {
             auth_methods: r.get("auth_methods"),
             authenticated_at: r.get("authenticated_at"),
             pending_mfa: r.get::<i64, _>("pending_mfa") != 0,
+            mfa_at: r.get("mfa_at"),
         }))
     }
 
@@ -1425,35 +1477,13 @@ impl Store for SqliteStore {
         audit: &AuditRecord,
     ) -> StoreResult<()> {
         let mut tx = self.write().await?;
-        sqlx::query(
-            "INSERT INTO token_families (id, client_id, user_id, scope, auth_time, amr, revoked, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
-        )
-        .bind(&f.id)
-        .bind(&f.client_id)
-        .bind(&f.user_id)
-        .bind(f.scope.to_string_spaced())
-        .bind(f.auth_time)
-        .bind(&f.amr)
-        .bind(f.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        insert_family(&mut tx, f, refresh_hash).await?;
         sqlx::query("UPDATE auth_codes SET family_id = ? WHERE hash = ?")
             .bind(&f.id)
             .bind(code_hash)
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        if let Some(h) = refresh_hash {
-            sqlx::query("INSERT INTO refresh_tokens (hash, family_id, state, created_at) VALUES (?, ?, 'active', ?)")
-                .bind(h)
-                .bind(&f.id)
-                .bind(f.created_at)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        }
         insert_audit(&mut tx, &self.audit_sink(), audit).await?;
         tx.commit().await.map_err(unavailable)
     }
@@ -1876,6 +1906,271 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         Ok(rows.iter().map(audit_row).collect())
+    }
+
+    async fn create_approval(
+        &self,
+        a: &Approval,
+        caps: ApprovalCaps,
+        audit: &AuditRecord,
+    ) -> StoreResult<ApprovalCreated> {
+        let mut tx = self.write().await?;
+        let existing = sqlx::query(
+            "SELECT * FROM approvals WHERE request_hash = ? AND client_id = ? AND user_id = ? \
+             AND status = 'pending' AND expires_at > ? ORDER BY created_at LIMIT 1",
+        )
+        .bind(&a.request_hash)
+        .bind(&a.client_id)
+        .bind(&a.user_id)
+        .bind(a.created_at)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if let Some(row) = existing {
+            return Ok(ApprovalCreated::Existing(Box::new(approval_row(&row))));
+        }
+        for (per, sql, value, cap) in [
+            (
+                "user",
+                "SELECT COUNT(*), MIN(expires_at) FROM approvals WHERE user_id = ? \
+                 AND status = 'pending' AND expires_at > ?",
+                &a.user_id,
+                caps.per_user,
+            ),
+            (
+                "agent",
+                "SELECT COUNT(*), MIN(expires_at) FROM approvals WHERE client_id = ? \
+                 AND status = 'pending' AND expires_at > ?",
+                &a.client_id,
+                caps.per_client,
+            ),
+        ] {
+            let (count, next): (i64, Option<i64>) = sqlx::query_as(sql)
+                .bind(value)
+                .bind(a.created_at)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            if count >= cap {
+                return Ok(ApprovalCreated::TooMany {
+                    per,
+                    next_expiry: next.unwrap_or(a.created_at),
+                });
+            }
+        }
+        sqlx::query(
+            "INSERT INTO approvals (id, req_hash, kind, client_id, user_id, connection, scopes, audience, \
+             authorization_details, binding_message, audit_context, login_hint, risk, step_up, single_use, \
+             request_hash, status, created_at, expires_at, interval, last_polled_at, decided_by, decided_at, \
+             stepped_up, redeemed_at, reason) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&a.id)
+        .bind(&a.req_hash)
+        .bind(a.kind.as_str())
+        .bind(&a.client_id)
+        .bind(&a.user_id)
+        .bind(&a.connection)
+        .bind(a.scopes.to_string_spaced())
+        .bind(&a.audience)
+        .bind(&a.authorization_details)
+        .bind(&a.binding_message)
+        .bind(&a.audit_context)
+        .bind(&a.login_hint)
+        .bind(&a.risk)
+        .bind(a.step_up)
+        .bind(a.single_use)
+        .bind(&a.request_hash)
+        .bind(a.status.as_str())
+        .bind(a.created_at)
+        .bind(a.expires_at)
+        .bind(a.interval)
+        .bind(a.last_polled_at)
+        .bind(&a.decided_by)
+        .bind(a.decided_at)
+        .bind(a.stepped_up)
+        .bind(a.redeemed_at)
+        .bind(&a.reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict("an approval with this id"))?;
+        insert_audit(&mut tx, &self.audit_sink(), audit).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(ApprovalCreated::Created)
+    }
+
+    async fn approval(&self, id: &str) -> StoreResult<Option<Approval>> {
+        self.find("SELECT * FROM approvals WHERE id = ?", id, approval_row)
+            .await
+    }
+
+    async fn approval_by_req_hash(&self, hash: &str) -> StoreResult<Option<Approval>> {
+        self.find(
+            "SELECT * FROM approvals WHERE req_hash = ?",
+            hash,
+            approval_row,
+        )
+        .await
+    }
+
+    async fn usable_approval(
+        &self,
+        request_hash: &str,
+        client_id: &str,
+        user_id: &str,
+        now: i64,
+    ) -> StoreResult<Option<Approval>> {
+        let row = sqlx::query(
+            "SELECT * FROM approvals WHERE request_hash = ? AND client_id = ? AND user_id = ? \
+             AND status = 'approved' AND expires_at > ? ORDER BY decided_at DESC, id LIMIT 1",
+        )
+        .bind(request_hash)
+        .bind(client_id)
+        .bind(user_id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(row.as_ref().map(approval_row))
+    }
+
+    async fn list_approvals(&self, f: &ApprovalFilter) -> StoreResult<Vec<Approval>> {
+        let rows = sqlx::query(
+            "SELECT * FROM approvals WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR status = ?2) \
+             ORDER BY created_at DESC, rowid DESC LIMIT ?3",
+        )
+        .bind(&f.user_id)
+        .bind(f.status.map(ApprovalStatus::as_str))
+        .bind(f.limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows.iter().map(approval_row).collect())
+    }
+
+    async fn update_approval(&self, u: &ApprovalUpdate, audit: &AuditRecord) -> StoreResult<bool> {
+        self.audited(
+            sqlx::query(
+                "UPDATE approvals SET status = ?1, \
+                 decided_by = COALESCE(?2, decided_by), \
+                 decided_at = CASE WHEN ?2 IS NULL THEN decided_at ELSE ?3 END, \
+                 stepped_up = stepped_up OR ?4, \
+                 expires_at = COALESCE(?5, expires_at), \
+                 redeemed_at = CASE WHEN ?6 THEN ?3 ELSE redeemed_at END, \
+                 reason = COALESCE(?7, reason) \
+                 WHERE id = ?8 AND status = ?9 AND (NOT ?10 OR expires_at > ?3) \
+                 AND (NOT ?6 OR redeemed_at IS NULL)",
+            )
+            .bind(u.to.as_str())
+            .bind(&u.decided_by)
+            .bind(u.at)
+            .bind(u.stepped_up)
+            .bind(u.expires_at)
+            .bind(u.redeem)
+            .bind(&u.reason)
+            .bind(&u.id)
+            .bind(u.from.as_str())
+            .bind(u.live),
+            audit,
+        )
+        .await
+    }
+
+    async fn record_approval_poll(&self, id: &str, at: i64, interval: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE approvals SET last_polled_at = ?, interval = ? WHERE id = ?")
+            .bind(at)
+            .bind(interval)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn redeem_ciba_approval(
+        &self,
+        id: &str,
+        at: i64,
+        f: &TokenFamily,
+        refresh_hash: Option<&str>,
+        audits: &[AuditRecord],
+    ) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let won = sqlx::query(
+            "UPDATE approvals SET status = 'redeemed', redeemed_at = ?1 \
+             WHERE id = ?2 AND status = 'approved' AND expires_at > ?1 AND redeemed_at IS NULL",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected()
+            == 1;
+        if !won {
+            return Ok(false);
+        }
+        insert_family(&mut tx, f, refresh_hash).await?;
+        for audit in audits {
+            insert_audit(&mut tx, &self.audit_sink(), audit).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(true)
+    }
+
+    async fn due_approvals(&self, now: i64, limit: i64) -> StoreResult<Vec<Approval>> {
+        let rows = sqlx::query(
+            "SELECT * FROM approvals WHERE status IN ('pending', 'approved') AND expires_at <= ? \
+             ORDER BY expires_at, id LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(rows.iter().map(approval_row).collect())
+    }
+
+    async fn record_session_mfa(&self, hash: &str, at: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE sessions SET mfa_at = ? WHERE hash = ?")
+            .bind(at)
+            .bind(hash)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+fn approval_row(r: &SqliteRow) -> Approval {
+    Approval {
+        id: r.get("id"),
+        req_hash: r.get("req_hash"),
+        kind: ApprovalKind::parse(r.get("kind")),
+        client_id: r.get("client_id"),
+        user_id: r.get("user_id"),
+        connection: r.get("connection"),
+        scopes: Scopes::parse(r.get("scopes")),
+        audience: r.get("audience"),
+        authorization_details: r.get("authorization_details"),
+        binding_message: r.get("binding_message"),
+        audit_context: r.get("audit_context"),
+        login_hint: r.get("login_hint"),
+        risk: r.get("risk"),
+        step_up: r.get::<i64, _>("step_up") != 0,
+        single_use: r.get::<i64, _>("single_use") != 0,
+        request_hash: r.get("request_hash"),
+        // An unknown status is read as expired: never usable.
+        status: ApprovalStatus::parse(r.get("status")).unwrap_or(ApprovalStatus::Expired),
+        created_at: r.get("created_at"),
+        expires_at: r.get("expires_at"),
+        interval: r.get("interval"),
+        last_polled_at: r.get("last_polled_at"),
+        decided_by: r.get("decided_by"),
+        decided_at: r.get("decided_at"),
+        stepped_up: r.get::<i64, _>("stepped_up") != 0,
+        redeemed_at: r.get("redeemed_at"),
+        reason: r.get("reason"),
     }
 }
 

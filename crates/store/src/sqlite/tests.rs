@@ -306,6 +306,7 @@ async fn totp_steps_are_used_once_and_sessions_keep_their_authentication() {
         auth_methods: "pwd otp".into(),
         authenticated_at: 5,
         pending_mfa: false,
+        mfa_at: Some(5),
     };
     s.insert_session("h", &session, 50).await.unwrap();
     assert_eq!(s.session("h", 10).await.unwrap(), Some(session));
@@ -827,4 +828,61 @@ async fn audit_reads_walk_an_index_from_the_cursor() {
             "{plan}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_grant_keeps_its_policy_and_an_unreadable_one_releases_nothing() {
+    use latchkey_core::policy::{GrantPolicy, Quotas, Risk, TimeWindow};
+    let (_d, s) = store().await;
+    seed(&s).await;
+    let agent = Agent {
+        id: "agt_1".into(),
+        name: "bot".into(),
+        created_at: 1,
+        ..Default::default()
+    };
+    s.insert_agent(&agent, &[], &audit("client.create"))
+        .await
+        .unwrap();
+    let policy = GrantPolicy {
+        risk: [("a".to_owned(), Risk::Critical)].into(),
+        hours: vec![TimeWindow::parse("mon-fri 09:00-18:00 Europe/Berlin").unwrap()],
+        max_lifetime: Some(600),
+        quotas: Quotas {
+            user_per_day: Some(7),
+            ..Quotas::default()
+        },
+        unreadable: None,
+    };
+    let mut g = Grant {
+        agent_id: "agt_1".into(),
+        connection_id: "con_1".into(),
+        scopes: Scopes::parse("a b"),
+        ip_allowlist: vec![],
+        policy: policy.clone(),
+        created_at: 1,
+    };
+    s.upsert_grant(&g, &audit("grant.upsert")).await.unwrap();
+    assert_eq!(
+        s.grant_for("agt_1", "con_1").await.unwrap().unwrap().policy,
+        policy
+    );
+    assert_eq!(s.list_grants().await.unwrap()[0].policy, policy);
+    // Replacing the grant replaces the policy whole.
+    g.policy = GrantPolicy::default();
+    s.upsert_grant(&g, &audit("grant.upsert")).await.unwrap();
+    let stored = s.grant_for("agt_1", "con_1").await.unwrap().unwrap();
+    assert_eq!(stored.policy, GrantPolicy::default());
+    let raw: String = sqlx::query_scalar("SELECT policy FROM grants")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(raw, "{}");
+    // Edited by hand into something that does not read back: the grant releases nothing.
+    sqlx::query("UPDATE grants SET policy = '{\"hours\":[\"whenever\"]}'")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let broken = s.grant_for("agt_1", "con_1").await.unwrap().unwrap();
+    assert!(broken.policy.unreadable.unwrap().contains("whenever"));
 }
