@@ -773,48 +773,28 @@ impl Vault {
             expires_at: a.expires_at.max(now) + 60,
         }];
         jtis.extend(client.assertion_jti.clone());
-        let audit = AuditRecord {
-            at: now,
-            actor_type: "agent".into(),
-            actor_id: agent.id.clone(),
-            auth_method: client.method.into(),
-            subject_user: Some(a.user_id.clone()),
-            action: "token.release".into(),
-            connection: Some(connection.name.clone()),
-            account_id: Some(account.id.clone()),
-            agent_id: Some(agent.id.clone()),
-            scopes: Some(a.scopes.to_string_spaced()),
-            decision: "allow".into(),
-            reason: Some(format!(
-                "token {}; approval {}",
-                secrets::sha256_b64(access_token.expose_secret().as_bytes()),
-                a.id
-            )),
+        let release = super::exchange::Release {
+            agent,
+            method: client.method,
+            user_id: &a.user_id,
+            connection: &connection,
+            account_id: &account.id,
+            scopes: &a.scopes,
+            token: &access_token,
+            note: format!("; approval {}", a.id),
             audit_context: a.audit_context.clone(),
-            request_id: ctx.request_id.clone(),
-            client_ip: ctx.client_ip.map(|ip| ip.to_string()),
-            notify: None,
+            ctx,
+            jtis: &jtis,
         };
-        match self.store.commit_release(&jtis, &account.id, &audit).await {
-            Ok(()) => quota.keep(),
-            Err(ReleaseError::Replay(0)) => {
-                return Err(OAuthError::invalid_grant(
-                    "unknown or already used auth_req_id",
-                ));
+        self.commit_agent_release(release, |i| {
+            if i == 0 {
+                OAuthError::invalid_grant("unknown or already used auth_req_id")
+            } else {
+                OAuthError::invalid_client("client assertion rejected: `jti` was already used")
             }
-            Err(ReleaseError::Replay(_)) => {
-                return Err(OAuthError::invalid_client(
-                    "client assertion rejected: `jti` was already used",
-                ));
-            }
-            Err(ReleaseError::AccountInactive) => {
-                return Err(OAuthError::not_connected(
-                    connection_name,
-                    self.config.connect_uri(connection_name),
-                ));
-            }
-            Err(ReleaseError::Store(e)) => return Err(store_err(e)),
-        }
+        })
+        .await?;
+        quota.keep();
         // Released: record the redemption. If this write fails the release above still
         // stands and the `approval:` identifier keeps the auth_req_id from working twice.
         let actor = Actor {

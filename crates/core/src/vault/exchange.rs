@@ -79,6 +79,24 @@ fn claimed_client(params: &Params, basic: Option<&BasicCredentials>) -> (String,
     (id, method)
 }
 
+/// An upstream token about to leave for an agent, as its release records it.
+pub(super) struct Release<'a> {
+    pub agent: &'a Agent,
+    /// How the agent authenticated.
+    pub method: &'static str,
+    pub user_id: &'a str,
+    pub connection: &'a Connection,
+    pub account_id: &'a str,
+    pub scopes: &'a Scopes,
+    /// Recorded only as its SHA-256 digest.
+    pub token: &'a SecretString,
+    /// Appended to the entry's reason (an approval, …).
+    pub note: String,
+    pub audit_context: Option<String>,
+    pub ctx: &'a RequestContext,
+    pub jtis: &'a [JtiUse],
+}
+
 impl Vault {
     /// `POST /oauth/token`.
     pub async fn token(
@@ -630,52 +648,32 @@ impl Vault {
                 jtis.push(key);
             }
         }
-        let audit = AuditRecord {
-            at: now,
-            actor_type: "agent".into(),
-            actor_id: agent.id.clone(),
-            auth_method: client.method.into(),
-            subject_user: Some(user.id.clone()),
-            action: "token.release".into(),
-            connection: Some(connection.name.clone()),
-            account_id: Some(account.id.clone()),
-            agent_id: Some(agent.id.clone()),
-            scopes: Some(scope.to_string_spaced()),
-            decision: "allow".into(),
-            reason: Some(format!(
-                "token {}{approval_note}",
-                secrets::sha256_b64(access_token.expose_secret().as_bytes())
-            )),
+        let release = Release {
+            agent,
+            method: client.method,
+            user_id: &user.id,
+            connection: &connection,
+            account_id: &account.id,
+            scopes: &scope,
+            token: &access_token,
+            note: approval_note,
             audit_context: subject.audit_context,
-            request_id: ctx.request_id.clone(),
-            client_ip: ctx.client_ip.map(|ip| ip.to_string()),
-            notify: None,
+            ctx,
+            jtis: &jtis,
         };
-        match self.store.commit_release(&jtis, &account.id, &audit).await {
-            Ok(()) => quota.keep(),
-            Err(ReleaseError::Replay(i)) if Some(i) == approval_index => {
-                return Err(OAuthError::access_denied(
+        self.commit_agent_release(release, |i| {
+            if Some(i) == approval_index {
+                OAuthError::access_denied(
                     "the approval of this request was single use and is already used; ask again",
-                ));
+                )
+            } else if Some(i) == assertion_index {
+                OAuthError::invalid_client("client assertion rejected: `jti` was already used")
+            } else {
+                OAuthError::invalid_grant("subject_token rejected: `jti` was already used")
             }
-            Err(ReleaseError::Replay(i)) if Some(i) == assertion_index => {
-                return Err(OAuthError::invalid_client(
-                    "client assertion rejected: `jti` was already used",
-                ));
-            }
-            Err(ReleaseError::Replay(_)) => {
-                return Err(OAuthError::invalid_grant(
-                    "subject_token rejected: `jti` was already used",
-                ));
-            }
-            Err(ReleaseError::AccountInactive) => {
-                return Err(OAuthError::not_connected(
-                    connection_name,
-                    self.config.connect_uri(connection_name),
-                ));
-            }
-            Err(ReleaseError::Store(e)) => return Err(store_err(e)),
-        }
+        })
+        .await?;
+        quota.keep();
         Ok(TokenResponse {
             access_token,
             expires_in,
@@ -685,6 +683,51 @@ impl Vault {
             refresh_token: None,
             authorization_details: None,
         })
+    }
+
+    /// Commit a release of an upstream token to an agent: its identifiers consumed and its
+    /// `token.release` entry, in one transaction. `replay(i)` says what a reused `jtis[i]`
+    /// means to the caller.
+    pub(super) async fn commit_agent_release(
+        &self,
+        r: Release<'_>,
+        replay: impl Fn(usize) -> OAuthError,
+    ) -> Result<(), OAuthError> {
+        let audit = AuditRecord {
+            at: self.now(),
+            actor_type: "agent".into(),
+            actor_id: r.agent.id.clone(),
+            auth_method: r.method.into(),
+            subject_user: Some(r.user_id.to_owned()),
+            action: "token.release".into(),
+            connection: Some(r.connection.name.clone()),
+            account_id: Some(r.account_id.to_owned()),
+            agent_id: Some(r.agent.id.clone()),
+            scopes: Some(r.scopes.to_string_spaced()),
+            decision: "allow".into(),
+            reason: Some(format!(
+                "token {}{}",
+                secrets::sha256_b64(r.token.expose_secret().as_bytes()),
+                r.note
+            )),
+            audit_context: r.audit_context,
+            request_id: r.ctx.request_id.clone(),
+            client_ip: r.ctx.client_ip.map(|ip| ip.to_string()),
+            notify: None,
+        };
+        match self
+            .store
+            .commit_release(r.jtis, r.account_id, &audit)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(ReleaseError::Replay(i)) => Err(replay(i)),
+            Err(ReleaseError::AccountInactive) => Err(OAuthError::not_connected(
+                &r.connection.name,
+                self.config.connect_uri(&r.connection.name),
+            )),
+            Err(ReleaseError::Store(e)) => Err(store_err(e)),
+        }
     }
 
     /// The grant's policy for a release about to happen, beyond scopes and address: a policy
