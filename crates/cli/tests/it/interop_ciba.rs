@@ -3,6 +3,12 @@
 //! `withAsyncAuthorization` (through `@auth0/ai-vercel`, in interrupt and block mode), unchanged,
 //! through pending, slow_down, approve, deny and expiry; and `@auth0/ai`'s CIBA poller resuming
 //! a token exchange Latchkey held for approval. `scripts/test` installs both.
+//!
+//! And the other SDKs' CIBA calls (T37, T42–T44, `interop/node/ciba_sdks.mjs`,
+//! `interop/python/ciba_server.py`): `auth0` (Node) `backchannel.authorize` with `audience: ""`,
+//! a user with no way to be asked (`invalid_request` → `UserDoesNotHavePushNotificationsInterrupt`),
+//! `@auth0/auth0-auth-js` `backchannelAuthentication` and auth0-server-python `login_backchannel`
+//! (HTTP Basic), each polling on its own until the user approves.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -508,4 +514,465 @@ async fn auth0_ai_resumes_an_exchange_held_for_approval() {
         interrupt_code(&agent.answer().await),
         "ASYNC_AUTHORIZATION_INVALID_GRANT"
     );
+}
+
+// ---- auth0-wire.md T37, T42, T43, T44: the other SDKs' CIBA calls -----------------------------
+
+/// `interop/node/ciba_sdks.mjs <scenario>` with the client, the user and `vars`, trusting
+/// Latchkey's CA, started (not awaited): the test may act while the SDK polls.
+fn spawn_node_sdk(
+    ts: &TestServer,
+    scenario: &str,
+    c: &Client,
+    user_id: &str,
+    vars: &[(&str, &str)],
+) -> tokio::process::Child {
+    let dir = workspace_root().join("interop/node");
+    assert!(
+        dir.join("node_modules/@auth0/auth0-auth-js").is_dir(),
+        "{}/node_modules is missing: run scripts/test (it runs npm ci there)",
+        dir.display()
+    );
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(dir.join("ciba_sdks.mjs"))
+        .arg(scenario)
+        .env("LK_DOMAIN", domain(ts))
+        .env("LK_CLIENT_ID", &c.id)
+        .env("LK_CLIENT_SECRET", &c.secret)
+        .env("LK_USER_ID", user_id)
+        .env("NODE_EXTRA_CA_CERTS", &ts.ca_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .expect("node is installed (scripts/test checks)")
+}
+
+/// A spawned SDK script's JSON answer; it must end within 60 s (it is killed otherwise).
+async fn script_answer(what: &str, child: tokio::process::Child) -> Value {
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the SDK script did not finish within 60 s"))
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "{what}: not JSON (exit {:?}): {} / {stderr}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+async fn node_sdk(
+    ts: &TestServer,
+    scenario: &str,
+    c: &Client,
+    user_id: &str,
+    vars: &[(&str, &str)],
+) -> Value {
+    script_answer(scenario, spawn_node_sdk(ts, scenario, c, user_id, vars)).await
+}
+
+/// The requests the script's spy saw going to `path`.
+fn sent_to<'a>(answer: &'a Value, path: &str) -> Vec<&'a Value> {
+    answer["sent"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no `sent` in {answer}"))
+        .iter()
+        .filter(|r| {
+            r["path"] == path
+                || r["url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with(path) || u.contains(&format!("{path}?")))
+        })
+        .collect()
+}
+
+/// Wait (bounded) until the SDK's CIBA request exists and it has polled it at least once — it is
+/// really waiting — and return it.
+async fn polled_approval(ts: &TestServer) -> latchkey_core::model::Approval {
+    for _ in 0..300 {
+        let newest = ts
+            .vault
+            .store()
+            .list_approvals(&latchkey_core::store::ApprovalFilter {
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if let Some(a) = newest.into_iter().next()
+            && a.last_polled_at.is_some()
+        {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the SDK never polled its CIBA request");
+}
+
+/// A server whose CIBA interval is 1 s, so the SDKs that poll on their own (sleeping `interval`
+/// between polls) finish quickly.
+async fn fast_polling_server() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let config = latchkey_server::Config {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".into(),
+        approval_interval_secs: 1,
+        ..Default::default()
+    };
+    TestServer::start_with(dir, config).await
+}
+
+async fn discovery(ts: &TestServer) -> Value {
+    let resp = ts
+        .http
+        .get(ts.url("/.well-known/openid-configuration"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+/// T37: `auth0` (Node) `backchannel.authorize` with `audience: ""` → accepted as absent; pending
+/// until the user approves; then the tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth0_node_backchannel_authorize_with_empty_audience() {
+    let ts = TestServer::start().await;
+    let c = secret_client(&ts, "node-ciba").await;
+    let user = ts.info.user_id.clone();
+
+    let started = node_sdk(
+        &ts,
+        "n4-authorize",
+        &c,
+        &user,
+        &[("LK_BINDING_MESSAGE", "Node 37")],
+    )
+    .await;
+    assert_eq!(started["ok"], true, "{started}");
+    assert_eq!(
+        (
+            started["data"]["expires_in"].as_i64(),
+            started["data"]["interval"].as_i64()
+        ),
+        (Some(300), Some(5)),
+        "{started}"
+    );
+    let sent = sent_to(&started, "/bc-authorize");
+    assert_eq!(sent.len(), 1, "{started}");
+    let params = &sent[0]["params"];
+    assert_eq!(
+        (
+            params["audience"].as_str(),
+            params["requested_expiry"].as_str(),
+            params["scope"].as_str()
+        ),
+        (Some(""), Some("300"), Some("openid")),
+        "the SDK sends `audience=`: {started}"
+    );
+    let hint: Value = serde_json::from_str(params["login_hint"].as_str().unwrap()).unwrap();
+    assert_eq!(hint["sub"], user.as_str());
+
+    let approval = newest(&ts).await;
+    assert_eq!(approval.client_id, c.id);
+    assert_eq!(approval.user_id, user);
+    assert_eq!(approval.audience, None, "`audience=` is absent");
+    assert_eq!(approval.binding_message.as_deref(), Some("Node 37"));
+    assert_eq!(approval.scopes.to_string_spaced(), "openid");
+
+    let by_id = [(
+        "LK_AUTH_REQ_ID",
+        started["data"]["auth_req_id"].as_str().unwrap(),
+    )];
+    let grant = || node_sdk(&ts, "n4-grant", &c, &user, &by_id);
+    let pending = grant().await;
+    assert_eq!(
+        (
+            pending["ok"].as_bool(),
+            pending["statusCode"].as_u64(),
+            pending["error"].as_str()
+        ),
+        (Some(false), Some(400), Some("authorization_pending")),
+        "{pending}"
+    );
+
+    cli_ok(&ts, &["approvals", "approve", &approval.id]);
+    ts.clock.advance(10);
+    let done = grant().await;
+    assert_eq!(done["ok"], true, "{done}");
+    let tokens = &done["data"];
+    assert_eq!(tokens["token_type"], "Bearer");
+    let id_token = claims_unverified(tokens["id_token"].as_str().unwrap());
+    assert_eq!(
+        (
+            id_token["iss"].as_str(),
+            id_token["aud"].as_str(),
+            id_token["sub"].as_str()
+        ),
+        (
+            Some(ts.issuer.as_str()),
+            Some(c.id.as_str()),
+            Some(user.as_str())
+        )
+    );
+    let (status, me, _) = userinfo(&ts, tokens["access_token"].as_str().unwrap()).await;
+    assert_eq!((status, me["sub"].as_str()), (200, Some(user.as_str())));
+}
+
+/// T42: a user who cannot sign in while no webhook is configured has no way to see a request:
+/// `/bc-authorize` answers 400 `invalid_request`, which `@auth0/ai` reports as
+/// `UserDoesNotHavePushNotificationsInterrupt`. Nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ciba_for_a_user_without_a_notification_channel() {
+    let ts = TestServer::start().await;
+    assert!(
+        ts.config.webhook_url.is_none(),
+        "the test server has no webhook"
+    );
+    let c = secret_client(&ts, "no-channel").await;
+    let out = ts.cli(&["user", "add", "nochannel", "--no-password", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let user = created["id"].as_str().unwrap().to_owned();
+
+    let n4 = node_sdk(
+        &ts,
+        "n4-authorize",
+        &c,
+        &user,
+        &[("LK_BINDING_MESSAGE", "Node 42")],
+    )
+    .await;
+    assert_eq!(
+        (
+            n4["ok"].as_bool(),
+            n4["statusCode"].as_u64(),
+            n4["error"].as_str()
+        ),
+        (Some(false), Some(400), Some("invalid_request")),
+        "{n4}"
+    );
+
+    let ai = node_sdk(&ts, "ai-start", &c, &user, &[]).await;
+    assert_eq!(ai["ok"], false, "{ai}");
+    assert_eq!(
+        (
+            ai["interrupt"]["class"].as_str(),
+            ai["interrupt"]["code"].as_str()
+        ),
+        (
+            Some("UserDoesNotHavePushNotificationsInterrupt"),
+            Some("ASYNC_AUTHORIZATION_USER_DOES_NOT_HAVE_PUSH_NOTIFICATIONS")
+        ),
+        "{ai}"
+    );
+    let bc = sent_to(&ai, "/bc-authorize");
+    assert_eq!(
+        (bc.len(), bc[0]["status"].as_u64(), bc[0]["error"].as_str()),
+        (1, Some(400), Some("invalid_request")),
+        "{ai}"
+    );
+    assert!(
+        ts.vault
+            .store()
+            .list_approvals(&latchkey_core::store::ApprovalFilter::default())
+            .await
+            .unwrap()
+            .is_empty(),
+        "a refused request stores no approval"
+    );
+
+    // The same client and SDK for a user who can sign in: a request, pending.
+    let ok = node_sdk(&ts, "ai-start", &c, &ts.info.user_id, &[]).await;
+    assert_eq!(
+        ok["interrupt"]["code"], "ASYNC_AUTHORIZATION_AUTHORIZATION_PENDING",
+        "{ok}"
+    );
+}
+
+/// T43: `@auth0/auth0-auth-js` `backchannelAuthentication` end to end: it starts with a
+/// `login_hint` naming the discovery issuer, polls (openid-client, honouring `interval`) while
+/// the user decides, and returns the tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth0_auth_js_backchannel_authentication() {
+    let ts = fast_polling_server().await;
+    let c = secret_client(&ts, "auth-js-ciba").await;
+    let user = ts.info.user_id.clone();
+    let issuer = discovery(&ts).await["issuer"].as_str().unwrap().to_owned();
+
+    let child = spawn_node_sdk(
+        &ts,
+        "auth-js-backchannel",
+        &c,
+        &user,
+        &[("LK_BINDING_MESSAGE", "AuthJS 43")],
+    );
+    let approval = polled_approval(&ts).await;
+    // The server's view: the hint's `iss` was accepted and its `sub` is the user.
+    assert_eq!(
+        (approval.client_id.as_str(), approval.user_id.as_str()),
+        (c.id.as_str(), user.as_str())
+    );
+    assert_eq!(approval.binding_message.as_deref(), Some("AuthJS 43"));
+    cli_ok(&ts, &["approvals", "approve", &approval.id]);
+    let done = script_answer("auth-js-backchannel", child).await;
+    assert_eq!(done["ok"], true, "{done}");
+    assert_eq!(done["issuer"], issuer.as_str());
+
+    // The hint the SDK built: JSON, `iss` the discovery document's issuer.
+    let bc = sent_to(&done, "/bc-authorize");
+    assert_eq!(bc.len(), 1, "{done}");
+    let hint: Value =
+        serde_json::from_str(bc[0]["params"]["login_hint"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (
+            hint["format"].as_str(),
+            hint["iss"].as_str(),
+            hint["sub"].as_str()
+        ),
+        (Some("iss_sub"), Some(issuer.as_str()), Some(user.as_str())),
+        "{done}"
+    );
+    // It polled: pending at least once, never too fast, then the tokens.
+    let polls = sent_to(&done, "/oauth/token");
+    assert!(polls.len() >= 2, "{done}");
+    assert!(
+        polls
+            .iter()
+            .all(|p| p["params"]["grant_type"] == "urn:openid:params:grant-type:ciba"),
+        "{done}"
+    );
+    let (last, waiting) = polls.split_last().unwrap();
+    assert!(
+        waiting
+            .iter()
+            .all(|p| p["error"] == "authorization_pending"),
+        "{done}"
+    );
+    assert_eq!(last["status"], 200, "{done}");
+
+    let token = &done["token"];
+    assert_eq!(token["claims"]["sub"], user.as_str(), "{done}");
+    assert_eq!(token["claims"]["aud"], c.id.as_str(), "{done}");
+    assert_eq!(token["claims"]["iss"], issuer.as_str(), "{done}");
+    assert!(token["refreshToken"].is_string(), "offline_access: {done}");
+    let (status, me, _) = userinfo(&ts, token["accessToken"].as_str().unwrap()).await;
+    assert_eq!((status, me["sub"].as_str()), (200, Some(user.as_str())));
+}
+
+/// T44: auth0-server-python `ServerClient.login_backchannel` end to end, authenticating with HTTP
+/// Basic at the discovered `backchannel_authentication_endpoint` and the token endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth0_server_python_login_backchannel() {
+    let ts = fast_polling_server().await;
+    let c = secret_client(&ts, "server-python-ciba").await;
+    let user = ts.info.user_id.clone();
+    let metadata = discovery(&ts).await;
+    let endpoint = metadata["backchannel_authentication_endpoint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let python = std::env::var_os("LATCHKEY_INTEROP_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("interop/.venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test (it creates interop/.venv)",
+        python.display()
+    );
+    let child = tokio::process::Command::new(python)
+        .arg(workspace_root().join("interop/python/ciba_server.py"))
+        .env("LK_DOMAIN", domain(&ts))
+        .env("LK_CLIENT_ID", &c.id)
+        .env("LK_CLIENT_SECRET", &c.secret)
+        .env("LK_USER_ID", &user)
+        .env("LK_BINDING_MESSAGE", "Server 44")
+        .env("SSL_CERT_FILE", &ts.ca_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let approval = polled_approval(&ts).await;
+    assert_eq!(
+        (approval.client_id.as_str(), approval.user_id.as_str()),
+        (c.id.as_str(), user.as_str())
+    );
+    assert_eq!(approval.binding_message.as_deref(), Some("Server 44"));
+    cli_ok(&ts, &["approvals", "approve", &approval.id]);
+    let done = script_answer("ciba_server.py", child).await;
+    assert_eq!(done["ok"], true, "{done}");
+
+    // Discovery, then the discovered endpoint with HTTP Basic (no secret in the body).
+    let sent = done["sent"].as_array().unwrap();
+    let bc: Vec<&Value> = sent
+        .iter()
+        .filter(|r| r["url"] == endpoint.as_str())
+        .collect();
+    assert_eq!(bc.len(), 1, "{done}");
+    assert_eq!(
+        (
+            bc[0]["method"].as_str(),
+            bc[0]["authorization"].as_str(),
+            bc[0]["status"].as_u64()
+        ),
+        (Some("POST"), Some("Basic"), Some(200)),
+        "{done}"
+    );
+    assert!(bc[0]["params"]["client_secret"].is_null(), "{done}");
+    let hint: Value =
+        serde_json::from_str(bc[0]["params"]["login_hint"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (hint["iss"].as_str(), hint["sub"].as_str()),
+        (metadata["issuer"].as_str(), Some(user.as_str()))
+    );
+    let token_endpoint = metadata["token_endpoint"].as_str().unwrap();
+    let polls: Vec<&Value> = sent.iter().filter(|r| r["url"] == token_endpoint).collect();
+    assert!(polls.len() >= 2, "pending, then the tokens: {done}");
+    assert!(
+        polls.iter().all(|p| p["authorization"] == "Basic"
+            && p["params"]["grant_type"] == "urn:openid:params:grant-type:ciba"),
+        "{done}"
+    );
+    assert_eq!(polls.last().unwrap()["status"], 200, "{done}");
+
+    // The SDK's session: the ID token and the access token it got. (Its `user` stays empty: this
+    // SDK version fills it from a `claims` member of the token response, which its CIBA grant
+    // never adds — Auth0 does not send one either.)
+    let session = &done["session"];
+    let id_token = claims_unverified(
+        session["id_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{done}")),
+    );
+    assert_eq!(
+        (
+            id_token["iss"].as_str(),
+            id_token["aud"].as_str(),
+            id_token["sub"].as_str()
+        ),
+        (
+            metadata["issuer"].as_str(),
+            Some(c.id.as_str()),
+            Some(user.as_str())
+        )
+    );
+    let access_token = session["token_sets"][0]["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{done}"));
+    let (status, me, _) = userinfo(&ts, access_token).await;
+    assert_eq!((status, me["sub"].as_str()), (200, Some(user.as_str())));
 }
