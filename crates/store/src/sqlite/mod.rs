@@ -109,11 +109,24 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        let current: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .get(0);
+        let (current, applied): (i64, i64) =
+            sqlx::query_as("SELECT COALESCE(MAX(version), 0), COUNT(*) FROM schema_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        if current > known {
+            return Err(StoreError::Unavailable(format!(
+                "the database has schema version {current}, newer than this Latchkey knows ({known}): \
+                 run the Latchkey version that last used it"
+            )));
+        }
+        if applied != current {
+            return Err(StoreError::Unavailable(format!(
+                "the database's schema history has gaps ({applied} migrations recorded up to version \
+                 {current}); it was not created by Latchkey's migrations"
+            )));
+        }
         for (version, sql) in MIGRATIONS {
             if *version <= current {
                 continue;

@@ -74,6 +74,32 @@ async fn seed(s: &SqliteStore) -> ConnectedAccount {
 }
 
 #[tokio::test]
+async fn a_newer_or_gapped_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let s = SqliteStore::open(&path).await.unwrap();
+    let known = MIGRATIONS.last().unwrap().0;
+    sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)")
+        .bind(known + 1)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    s.pool().close().await;
+    let err = SqliteStore::open(&path).await.unwrap_err().to_string();
+    assert!(err.contains("newer than this Latchkey"), "{err}");
+
+    let path = dir.path().join("gap.db");
+    let s = SqliteStore::open(&path).await.unwrap();
+    sqlx::query("DELETE FROM schema_migrations WHERE version = 2")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    s.pool().close().await;
+    let err = SqliteStore::open(&path).await.unwrap_err().to_string();
+    assert!(err.contains("gaps"), "{err}");
+}
+
+#[tokio::test]
 async fn reopen_is_idempotent_and_file_is_private() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
