@@ -226,7 +226,8 @@ pub fn entry_view(e: &AuditEntry) -> EntryView {
     }
 }
 
-fn rfc3339(t: i64) -> String {
+/// A Unix time as RFC 3339 (UTC), as every JSON surface shows times.
+pub fn rfc3339(t: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t)
         .ok()
         .and_then(|d| {

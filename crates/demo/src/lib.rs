@@ -42,6 +42,7 @@ use axum::routing::{get, post};
 use latchkey_core::clock::Clock;
 
 mod api;
+pub mod client_auth;
 mod html;
 mod oauth;
 mod scope;

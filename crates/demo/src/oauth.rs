@@ -14,11 +14,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use latchkey_crypto::secrets::{ct_eq, sha256_b64};
 use serde_json::json;
 
+use crate::client_auth::{Client, ClientAuthError};
 use crate::scope::ScopeSet;
 use crate::state::{CONSENT_TTL, Consent, GrantError, Issued, is_pkce_string};
 use crate::{DEMO_LOGIN, DemoConfig, DemoProvider};
@@ -142,122 +140,24 @@ fn token_response(issued: Issued, ttl: i64) -> Response {
 // ---------------------------------------------------------------------------------------------
 // Client authentication (RFC 6749 §2.3.1)
 
-/// Compare digests so neither the content nor the length of the expected value leaks through
-/// timing.
-fn secret_eq(presented: &str, expected: &str) -> bool {
-    ct_eq(
-        sha256_b64(presented.as_bytes()).as_bytes(),
-        sha256_b64(expected.as_bytes()).as_bytes(),
-    )
-}
-
-fn credentials_match(config: &DemoConfig, id: &str, secret: &str) -> bool {
-    // Evaluate both comparisons: `&` rather than `&&` keeps the timing independent of which
-    // one failed.
-    secret_eq(id, &config.client_id) & secret_eq(secret, &config.client_secret)
-}
-
-/// `application/x-www-form-urlencoded` decoding of one value: `+` is a space, `%XX` a byte.
-/// A malformed escape is kept literally; the result then simply fails to match.
-fn form_decode(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Decode one half of HTTP Basic credentials. RFC 6749 §2.3.1 says they are form-urlencoded
-/// before base64; many clients skip that, so both the raw and the decoded form are accepted.
-fn basic_candidates(raw: &str) -> Vec<String> {
-    let decoded = form_decode(raw);
-    if decoded == raw {
-        vec![raw.to_owned()]
-    } else {
-        vec![raw.to_owned(), decoded]
-    }
-}
-
-/// Why client authentication failed.
-#[derive(Debug)]
-enum AuthError {
-    /// 400 `invalid_request` (e.g. two authentication methods at once).
-    Request(&'static str),
-    /// 401 `invalid_client`.
-    Client(&'static str),
-}
-
-impl IntoResponse for AuthError {
-    fn into_response(self) -> Response {
-        match self {
-            AuthError::Request(d) => invalid_request(d),
-            AuthError::Client(d) => invalid_client(d),
-        }
-    }
-}
-
-/// Authenticate the confidential client by HTTP Basic or `client_secret_post`.
-fn authenticate(
-    config: &DemoConfig,
-    headers: &HeaderMap,
-    params: &Params,
-) -> Result<(), AuthError> {
-    let authorization = headers.get(header::AUTHORIZATION);
-    match (authorization, params.get("client_secret")) {
-        (Some(_), Some(_)) => Err(AuthError::Request(
-            "use only one client authentication method",
-        )),
-        (Some(value), None) => {
-            let basic = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.split_once(' '))
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
-                .and_then(|(_, b64)| STANDARD.decode(b64.trim()).ok())
-                .and_then(|bytes| String::from_utf8(bytes).ok());
-            let Some((id, secret)) = basic.as_deref().and_then(|s| s.split_once(':')) else {
-                return Err(AuthError::Client("malformed Authorization header"));
-            };
-            let mut ok = false;
-            for id in basic_candidates(id) {
-                for secret in basic_candidates(secret) {
-                    ok |= credentials_match(config, &id, &secret);
-                }
-            }
-            // A client_id in the body as well must name the same client.
-            let body_id_ok = params
-                .get("client_id")
-                .is_none_or(|body_id| secret_eq(body_id, &config.client_id));
-            if ok && body_id_ok {
-                Ok(())
-            } else {
-                Err(AuthError::Client("client authentication failed"))
-            }
-        }
-        (None, Some(secret)) => {
-            let id = params.get("client_id").unwrap_or_default();
-            if credentials_match(config, id, secret) {
-                Ok(())
-            } else {
-                Err(AuthError::Client("client authentication failed"))
-            }
-        }
-        (None, None) => Err(AuthError::Client("client authentication is required")),
-    }
+/// Authenticate the confidential client by HTTP Basic or `client_secret_post`: the refusal
+/// to send, if it fails.
+fn authenticate(config: &DemoConfig, headers: &HeaderMap, params: &Params) -> Option<Response> {
+    let client = Client {
+        id: &config.client_id,
+        secret: &config.client_secret,
+    };
+    client
+        .authenticate(
+            headers.get(header::AUTHORIZATION),
+            params.get("client_id"),
+            params.get("client_secret"),
+        )
+        .err()
+        .map(|e| match e {
+            ClientAuthError::Request(d) => invalid_request(d),
+            ClientAuthError::Client(d) => invalid_client(d),
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -475,8 +375,8 @@ pub(crate) async fn token(
         }
         _ => {}
     }
-    if let Err(e) = authenticate(&inner.config, &headers, &params) {
-        return e.into_response();
+    if let Some(refused) = authenticate(&inner.config, &headers, &params) {
+        return refused;
     }
     let ttl = inner.config.access_token_ttl;
     let client_id = inner.config.client_id.as_str();
@@ -559,8 +459,8 @@ pub(crate) async fn revoke(
         Ok(p) => p,
         Err(msg) => return invalid_request(msg),
     };
-    if let Err(e) = authenticate(&inner.config, &headers, &params) {
-        return e.into_response();
+    if let Some(refused) = authenticate(&inner.config, &headers, &params) {
+        return refused;
     }
     let Some(token) = params.get("token") else {
         return invalid_request("token is required");
@@ -581,14 +481,22 @@ pub(crate) async fn revoke(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
 
     #[test]
     fn form_decoding_of_basic_credentials() {
-        assert_eq!(form_decode("a%2Bb+c%3a"), "a+b c:");
-        assert_eq!(form_decode("100%"), "100%");
-        assert_eq!(form_decode("%zz%4"), "%zz%4");
-        assert_eq!(basic_candidates("plain"), vec!["plain"]);
-        assert_eq!(basic_candidates("a+b"), vec!["a+b", "a b"]);
+        let client = Client {
+            id: "a b",
+            secret: "s",
+        };
+        let basic = |raw: &str| {
+            let v = format!("Basic {}", STANDARD.encode(raw));
+            client.authenticate(Some(&HeaderValue::from_str(&v).unwrap()), None, None)
+        };
+        assert_eq!(basic("a+b:s"), Ok(()), "form-encoded");
+        assert_eq!(basic("a b:s"), Ok(()), "as is");
+        assert!(basic("a%2Bb:s").is_err());
     }
 
     #[test]

@@ -12,10 +12,8 @@ use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use latchkey_core::clock::Clock;
-use latchkey_crypto::secrets::{ct_eq, sha256_b64};
+use latchkey_demo::client_auth::{Client, ClientAuthError, secret_eq};
 use serde_json::json;
 
 use crate::state::{GrantError, Issued, State as MockState};
@@ -197,108 +195,23 @@ fn redirect(redirect_uri: &url::Url, params: &[(&str, &str)]) -> Response {
 
 // --- client authentication (RFC 6749 §2.3.1) --------------------------------------------------
 
-/// Compare digests, so timing reveals neither content nor length.
-fn secret_eq(a: &str, b: &str) -> bool {
-    ct_eq(
-        sha256_b64(a.as_bytes()).as_bytes(),
-        sha256_b64(b.as_bytes()).as_bytes(),
-    )
-}
-
-/// `application/x-www-form-urlencoded` decoding of one value (`+` is a space, `%XX` a byte); a
-/// malformed escape is kept as sent.
-fn form_decode(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// One half of Basic credentials, as sent and form-decoded (RFC 6749 §2.3.1 asks clients to
-/// form-encode first; many do not).
-fn basic_candidates(raw: &str) -> [String; 2] {
-    [raw.to_owned(), form_decode(raw)]
-}
-
-/// Why client authentication failed.
-enum AuthError {
-    /// 400 `invalid_request`.
-    Request(&'static str),
-    /// 401 `invalid_client`.
-    Client(&'static str),
-}
-
-impl IntoResponse for AuthError {
-    fn into_response(self) -> Response {
-        match self {
-            AuthError::Request(d) => invalid_request(d),
-            AuthError::Client(d) => invalid_client(d),
-        }
-    }
-}
-
-fn authenticate(inner: &Inner, headers: &HeaderMap, params: &Params) -> Result<(), AuthError> {
-    let matches = |id: &str, secret: &str| {
-        secret_eq(id, &inner.client_id) & secret_eq(secret, &inner.client_secret)
+/// The refusal to send if the request does not authenticate the configured client.
+fn authenticate(inner: &Inner, headers: &HeaderMap, params: &Params) -> Option<Response> {
+    let client = Client {
+        id: &inner.client_id,
+        secret: &inner.client_secret,
     };
-    match (
-        headers.get(header::AUTHORIZATION),
-        params.get("client_secret"),
-    ) {
-        (Some(_), Some(_)) => Err(AuthError::Request(
-            "use only one client authentication method",
-        )),
-        (Some(value), None) => {
-            let decoded = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.split_once(' '))
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
-                .and_then(|(_, b64)| STANDARD.decode(b64.trim()).ok())
-                .and_then(|bytes| String::from_utf8(bytes).ok());
-            let Some((id, secret)) = decoded.as_deref().and_then(|s| s.split_once(':')) else {
-                return Err(AuthError::Client("malformed Authorization header"));
-            };
-            let mut ok = false;
-            for id in basic_candidates(id) {
-                for secret in basic_candidates(secret) {
-                    ok |= matches(&id, &secret);
-                }
-            }
-            // A client_id in the body as well must name the same client.
-            let body_id_ok = params
-                .get("client_id")
-                .is_none_or(|b| secret_eq(b, &inner.client_id));
-            if ok && body_id_ok {
-                Ok(())
-            } else {
-                Err(AuthError::Client("client authentication failed"))
-            }
-        }
-        (None, Some(secret)) => {
-            if matches(params.get("client_id").unwrap_or_default(), secret) {
-                Ok(())
-            } else {
-                Err(AuthError::Client("client authentication failed"))
-            }
-        }
-        (None, None) => Err(AuthError::Client("client authentication is required")),
-    }
+    client
+        .authenticate(
+            headers.get(header::AUTHORIZATION),
+            params.get("client_id"),
+            params.get("client_secret"),
+        )
+        .err()
+        .map(|e| match e {
+            ClientAuthError::Request(d) => invalid_request(d),
+            ClientAuthError::Client(d) => invalid_client(d),
+        })
 }
 
 // --- endpoints -------------------------------------------------------------------------------
@@ -361,8 +274,8 @@ async fn token(
         Ok(p) => p,
         Err(why) => return invalid_request(why),
     };
-    if let Err(e) = authenticate(&inner, &headers, &params) {
-        return e.into_response();
+    if let Some(refused) = authenticate(&inner, &headers, &params) {
+        return refused;
     }
     match params.get("grant_type") {
         Some("authorization_code") => {
@@ -461,8 +374,8 @@ async fn revoke(
         Ok(p) => p,
         Err(why) => return invalid_request(why),
     };
-    if let Err(e) = authenticate(&inner, &headers, &params) {
-        return e.into_response();
+    if let Some(refused) = authenticate(&inner, &headers, &params) {
+        return refused;
     }
     let Some(token) = params.get("token") else {
         return invalid_request("token is required");

@@ -20,6 +20,7 @@ use axum::routing::{delete, get, post};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use latchkey_core::OAuthError;
+use latchkey_core::audit::rfc3339;
 use latchkey_core::catalog;
 use latchkey_core::model::{AccountStatus, Agent, ConnectedAccount, Connection, Grant};
 use latchkey_core::scope::Scopes;
@@ -262,13 +263,6 @@ fn query(uri: &Uri, allowed: &[&str]) -> Result<HashMap<String, String>, ApiErro
 }
 
 // --- what the API shows ---------------------------------------------------------------------
-
-fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| d.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
 
 fn scope_list(s: &Scopes) -> Vec<String> {
     s.iter().map(str::to_owned).collect()
