@@ -17,7 +17,6 @@ and the answer's status.
 """
 
 import asyncio
-import copy
 import json
 import os
 import sys
@@ -26,7 +25,9 @@ from urllib.parse import parse_qsl
 import httpx
 
 from auth0_server_python.auth_server.server_client import ServerClient
-from auth0_server_python.store.abstract import StateStore, TransactionStore
+
+# The in-memory session stores of the other auth0-server-python driver (same directory).
+from server_python_driver import MemoryStateStore, MemoryTransactionStore
 
 SENT = []
 
@@ -54,39 +55,6 @@ def spy_on_httpx():
         return response
 
     httpx.AsyncClient.send = recorded
-
-
-class MemoryStateStore(StateStore):
-    def __init__(self, options):
-        super().__init__(options)
-        self.data = {}
-
-    async def set(self, identifier, state, remove_if_expires=False, options=None):
-        self.data[identifier] = copy.deepcopy(state)
-
-    async def get(self, identifier, options=None):
-        return copy.deepcopy(self.data.get(identifier))
-
-    async def delete(self, identifier, options=None):
-        self.data.pop(identifier, None)
-
-    async def delete_by_logout_token(self, claims, options=None):
-        self.data.clear()
-
-
-class MemoryTransactionStore(TransactionStore):
-    def __init__(self, options):
-        super().__init__(options)
-        self.data = {}
-
-    async def set(self, identifier, state, remove_if_expires=False, options=None):
-        self.data[identifier] = copy.deepcopy(state)
-
-    async def get(self, identifier, options=None):
-        return copy.deepcopy(self.data.get(identifier))
-
-    async def delete(self, identifier, options=None):
-        self.data.pop(identifier, None)
 
 
 async def main():
