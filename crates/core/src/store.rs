@@ -53,6 +53,10 @@ pub enum ReleaseError {
     /// The account stopped being active (revoked, needs reauth) before the release committed.
     #[error("account is no longer active")]
     AccountInactive,
+    /// The configuration the release was decided on changed before it committed: the
+    /// [`Store::config_revision`] is now this value. Nothing was written.
+    #[error("the configuration changed (revision {0})")]
+    Stale(i64),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -351,11 +355,19 @@ pub trait Store: Send + Sync + 'static {
     /// sign-ins, pending flows) in one transaction. The audit trail keeps its entries.
     async fn delete_user(&self, user_id: &str, audit: &AuditRecord) -> StoreResult<bool>;
 
-    /// The release of a token, in one transaction: consume every `jti` (a unique insert; a
-    /// duplicate is [`ReleaseError::Replay`]), check the account is still active and stamp its
-    /// last use, and append the audit record. Nothing is written unless all of it is.
+    /// A counter that moves forward with every change to what a release is decided on:
+    /// agents, their keys, grants, connections, and users being added or removed. The database
+    /// moves it (triggers), so a change made by any process or node counts.
+    async fn config_revision(&self) -> StoreResult<i64>;
+
+    /// The release of a token, in one transaction: check that the configuration is still at
+    /// `revision` when one is given (else [`ReleaseError::Stale`]), consume every `jti` (a
+    /// unique insert; a duplicate is [`ReleaseError::Replay`]), check the account is still
+    /// active and stamp its last use, and append the audit record. Nothing is written unless
+    /// all of it is.
     async fn commit_release(
         &self,
+        revision: Option<i64>,
         jtis: &[JtiUse],
         account_id: &str,
         audit: &AuditRecord,

@@ -97,16 +97,6 @@ pub(crate) fn newest_approval(ts: &TestServer) -> Value {
     list[0].clone()
 }
 
-fn cli_ok(ts: &TestServer, args: &[&str]) -> String {
-    let out = ts.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Audit entries of `action`, newest first.
 pub(crate) async fn entries(
     ts: &TestServer,
@@ -292,9 +282,9 @@ async fn ciba_denied_and_expired_answer_access_denied() {
     let started = bc_authorize(&ts, &c, &[]).await;
     let denied_id = started.body["auth_req_id"].as_str().unwrap().to_owned();
     let id = newest_approval(&ts)["id"].as_str().unwrap().to_owned();
-    let out = cli_ok(&ts, &["approvals", "list"]);
+    let out = ts.cli_ok(&["approvals", "list"]);
     assert!(out.contains(&id) && out.contains("Confirm 42"), "{out}");
-    cli_ok(&ts, &["approvals", "deny", &id, "--note", "not expected"]);
+    ts.cli_ok(&["approvals", "deny", &id, "--note", "not expected"]);
     poll(&ts, &c, &denied_id)
         .await
         .assert_error(400, "access_denied");
@@ -359,7 +349,7 @@ async fn auth_req_id_is_bound_to_its_client_and_unguessable() {
     let started = bc_authorize(&ts, &c, &[]).await;
     let auth_req_id = started.body["auth_req_id"].as_str().unwrap().to_owned();
     let id = newest_approval(&ts)["id"].as_str().unwrap().to_owned();
-    cli_ok(&ts, &["approvals", "approve", &id]);
+    ts.cli_ok(&["approvals", "approve", &id]);
 
     // Another client cannot redeem it (and learns nothing: as unknown as a guess).
     poll(&ts, &other, &auth_req_id)
@@ -561,7 +551,7 @@ async fn identical_requests_collapse_and_pending_requests_are_capped() {
         .assert_error(429, "too_many_requests");
     // A decision frees a place.
     let id = newest_approval(&ts)["id"].as_str().unwrap().to_owned();
-    cli_ok(&ts, &["approvals", "deny", &id]);
+    ts.cli_ok(&["approvals", "deny", &id]);
     assert_eq!(
         bc_authorize(&ts, &other, &[("binding_message", "Fourth")])
             .await
@@ -614,7 +604,7 @@ fn grant(ts: &TestServer, scopes: &str, risks: &[&str]) {
     for r in risks {
         args.extend(["--risk", r]);
     }
-    cli_ok(ts, &args);
+    ts.cli_ok(&args);
 }
 
 /// The demo agent's privileged-worker exchange for `scope`.

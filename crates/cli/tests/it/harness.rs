@@ -419,6 +419,18 @@ impl TestServer {
             .unwrap()
     }
 
+    /// Run the `latchkey` binary on this server's data directory; assert it succeeded; its
+    /// standard output.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Call the demo provider's API with an upstream token.
     pub async fn demo_api(&self, token: &str, path: &str) -> (StatusCode, Value) {
         let resp = self

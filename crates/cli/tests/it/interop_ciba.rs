@@ -88,15 +88,6 @@ async fn newest(ts: &TestServer) -> latchkey_core::model::Approval {
         .remove(0)
 }
 
-fn cli_ok(ts: &TestServer, args: &[&str]) {
-    let out = ts.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth0_python_back_channel_login() {
     let ts = TestServer::start().await;
@@ -145,7 +136,7 @@ async fn auth0_python_back_channel_login() {
     assert_eq!(fast.1["retry_after"], "10");
 
     // T40: approved → ID token, access token, authorization_details; then invalid_grant.
-    cli_ok(&ts, &["approvals", "approve", &approval.id]);
+    ts.cli_ok(&["approvals", "approve", &approval.id]);
     ts.clock.advance(10);
     let (ok, tokens) = poll().await;
     assert!(ok, "{tokens}");
@@ -187,7 +178,7 @@ async fn auth0_python_back_channel_login() {
     .await;
     assert!(ok, "{started}");
     let denied_id = started["auth_req_id"].as_str().unwrap().to_owned();
-    cli_ok(&ts, &["approvals", "deny", &newest(&ts).await.id]);
+    ts.cli_ok(&["approvals", "deny", &newest(&ts).await.id]);
     assert_refused(
         &run(vec!["poll".into(), denied_id], by_key(&[])).await,
         400,
@@ -422,7 +413,7 @@ async fn auth0_ai_with_async_authorization_blocking() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    cli_ok(&ts, &["approvals", "approve", &id]);
+    ts.cli_ok(&["approvals", "approve", &id]);
     let done = agent.answer().await;
     assert_eq!(done["ok"], true, "{done}");
     assert_eq!(
@@ -454,20 +445,17 @@ async fn auth0_ai_resumes_an_exchange_held_for_approval() {
         id: agent.id.clone(),
         secret: secrecy::ExposeSecret::expose_secret(&secret.unwrap()).to_owned(),
     };
-    cli_ok(
-        &ts,
-        &[
-            "agent",
-            "grant",
-            &c.id,
-            "--connection",
-            "demo-git",
-            "--scopes",
-            "repo:read",
-            "--risk",
-            "repo:read=medium",
-        ],
-    );
+    ts.cli_ok(&[
+        "agent",
+        "grant",
+        &c.id,
+        "--connection",
+        "demo-git",
+        "--scopes",
+        "repo:read",
+        "--risk",
+        "repo:read=medium",
+    ]);
     let now = ts.now();
     let subject = key.sign(
         Some("token-vault-req+jwt"),
@@ -498,7 +486,7 @@ async fn auth0_ai_resumes_an_exchange_held_for_approval() {
         interrupt_code(&agent.answer().await),
         "ASYNC_AUTHORIZATION_AUTHORIZATION_PENDING"
     );
-    cli_ok(&ts, &["approvals", "approve", &newest(&ts).await.id]);
+    ts.cli_ok(&["approvals", "approve", &newest(&ts).await.id]);
     ts.clock.advance(10);
     agent.send(json!({"resume": held.body})).await;
     let done = agent.answer().await;
@@ -703,7 +691,7 @@ async fn auth0_node_backchannel_authorize_with_empty_audience() {
         "{pending}"
     );
 
-    cli_ok(&ts, &["approvals", "approve", &approval.id]);
+    ts.cli_ok(&["approvals", "approve", &approval.id]);
     ts.clock.advance(10);
     let done = grant().await;
     assert_eq!(done["ok"], true, "{done}");
@@ -825,7 +813,7 @@ async fn auth0_auth_js_backchannel_authentication() {
         (c.id.as_str(), user.as_str())
     );
     assert_eq!(approval.binding_message.as_deref(), Some("AuthJS 43"));
-    cli_ok(&ts, &["approvals", "approve", &approval.id]);
+    ts.cli_ok(&["approvals", "approve", &approval.id]);
     let done = script_answer("auth-js-backchannel", child).await;
     assert_eq!(done["ok"], true, "{done}");
     assert_eq!(done["issuer"], issuer.as_str());
@@ -912,7 +900,7 @@ async fn auth0_server_python_login_backchannel() {
         (c.id.as_str(), user.as_str())
     );
     assert_eq!(approval.binding_message.as_deref(), Some("Server 44"));
-    cli_ok(&ts, &["approvals", "approve", &approval.id]);
+    ts.cli_ok(&["approvals", "approve", &approval.id]);
     let done = script_answer("ciba_server.py", child).await;
     assert_eq!(done["ok"], true, "{done}");
 

@@ -11,6 +11,7 @@ mod audit_api;
 mod audit_coverage;
 mod bad_input;
 mod catalog;
+mod config_cache;
 mod connected_accounts;
 mod crash;
 mod health;

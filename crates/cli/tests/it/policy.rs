@@ -14,17 +14,6 @@ use serde_json::{Value, json};
 
 use crate::harness::*;
 
-/// Run the CLI; assert it succeeded; its standard output.
-fn cli_ok(ts: &TestServer, args: &[&str]) -> String {
-    let out = ts.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// `agent grant` for the demo agent on `demo-git`, with more flags.
 fn grant(ts: &TestServer, scopes: &str, flags: &[&str]) {
     let mut args = vec![
@@ -37,7 +26,7 @@ fn grant(ts: &TestServer, scopes: &str, flags: &[&str]) {
         scopes,
     ];
     args.extend_from_slice(flags);
-    cli_ok(ts, &args);
+    ts.cli_ok(&args);
 }
 
 /// The demo agent's exchange, narrowed to `scope` when given.
@@ -151,16 +140,13 @@ async fn deny_by_default_and_scopes_outside_the_grant() {
     ts.post_form(&ts.exchange_params()).await.token();
 
     // No grant: nothing, whatever is asked for.
-    cli_ok(
-        &ts,
-        &[
-            "agent",
-            "ungrant",
-            &ts.info.agent_id,
-            "--connection",
-            "demo-git",
-        ],
-    );
+    ts.cli_ok(&[
+        "agent",
+        "ungrant",
+        &ts.info.agent_id,
+        "--connection",
+        "demo-git",
+    ]);
     for scope in [None, Some("read:user")] {
         refused(
             &ts,
@@ -515,32 +501,26 @@ async fn a_user_quota_counts_across_agents() {
     let c = other_agent(&ts, "agent-c").await;
     // A's and B's grants count the user's exchanges; C's has no per-user quota.
     grant(&ts, "read:user", &["--user-per-minute", "4"]);
-    cli_ok(
-        &ts,
-        &[
-            "agent",
-            "grant",
-            &b.id,
-            "--connection",
-            "demo-git",
-            "--scopes",
-            "read:user",
-            "--user-per-minute",
-            "4",
-        ],
-    );
-    cli_ok(
-        &ts,
-        &[
-            "agent",
-            "grant",
-            &c.id,
-            "--connection",
-            "demo-git",
-            "--scopes",
-            "read:user",
-        ],
-    );
+    ts.cli_ok(&[
+        "agent",
+        "grant",
+        &b.id,
+        "--connection",
+        "demo-git",
+        "--scopes",
+        "read:user",
+        "--user-per-minute",
+        "4",
+    ]);
+    ts.cli_ok(&[
+        "agent",
+        "grant",
+        &c.id,
+        "--connection",
+        "demo-git",
+        "--scopes",
+        "read:user",
+    ]);
 
     align(&ts, 60, 1);
     // Two by A, two by B: the user's four for this minute.
@@ -593,34 +573,31 @@ async fn a_user_quota_counts_across_agents() {
 async fn the_cli_sets_validates_and_shows_the_policy() {
     let ts = TestServer::start().await;
     let agent = ts.info.agent_id.clone();
-    let out = cli_ok(
-        &ts,
-        &[
-            "agent",
-            "grant",
-            &agent,
-            "--connection",
-            "demo-git",
-            "--scopes",
-            "read:user repo:read",
-            "--risk",
-            "repo:read=medium",
-            "--hours",
-            "mon-fri 09:00-18:00 Europe/Berlin",
-            "--hours",
-            "sat 22:00-02:00 UTC",
-            "--max-lifetime",
-            "600",
-            "--per-minute",
-            "10",
-            "--per-day",
-            "100",
-            "--user-per-minute",
-            "5",
-            "--user-per-day",
-            "50",
-        ],
-    );
+    let out = ts.cli_ok(&[
+        "agent",
+        "grant",
+        &agent,
+        "--connection",
+        "demo-git",
+        "--scopes",
+        "read:user repo:read",
+        "--risk",
+        "repo:read=medium",
+        "--hours",
+        "mon-fri 09:00-18:00 Europe/Berlin",
+        "--hours",
+        "sat 22:00-02:00 UTC",
+        "--max-lifetime",
+        "600",
+        "--per-minute",
+        "10",
+        "--per-day",
+        "100",
+        "--user-per-minute",
+        "5",
+        "--user-per-day",
+        "50",
+    ]);
     assert!(out.contains("policy: "), "{out}");
     let expected = json!({
         "risk": {"repo:read": "medium"},
@@ -629,7 +606,7 @@ async fn the_cli_sets_validates_and_shows_the_policy() {
         "quotas": {"agent_per_minute": 10, "agent_per_day": 100, "user_per_minute": 5, "user_per_day": 50},
     });
     let listed = || -> Value {
-        let list: Value = serde_json::from_str(&cli_ok(&ts, &["agent", "list", "--json"])).unwrap();
+        let list: Value = serde_json::from_str(&ts.cli_ok(&["agent", "list", "--json"])).unwrap();
         let me = list
             .as_array()
             .unwrap()
@@ -651,9 +628,7 @@ async fn the_cli_sets_validates_and_shows_the_policy() {
     assert!(entry.reason.unwrap().contains("\"max_lifetime\":600"));
 
     // The admin API shows it too.
-    let token = cli_ok(&ts, &["api-token", "create", "ops"])
-        .trim()
-        .to_owned();
+    let token = ts.cli_ok(&["api-token", "create", "ops"]).trim().to_owned();
     let resp = ts
         .http
         .get(ts.url("/api/v1/agents"))
@@ -744,17 +719,14 @@ async fn the_cli_sets_validates_and_shows_the_policy() {
     );
 
     // Replacing the grant without policy flags clears the policy.
-    cli_ok(
-        &ts,
-        &[
-            "agent",
-            "grant",
-            &agent,
-            "--connection",
-            "demo-git",
-            "--scopes",
-            "read:user",
-        ],
-    );
+    ts.cli_ok(&[
+        "agent",
+        "grant",
+        &agent,
+        "--connection",
+        "demo-git",
+        "--scopes",
+        "read:user",
+    ]);
     assert_eq!(listed()[0]["policy"], json!({}));
 }

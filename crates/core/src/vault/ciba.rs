@@ -785,6 +785,7 @@ impl Vault {
             audit_context: a.audit_context.clone(),
             ctx,
             jtis: &jtis,
+            revision: None,
         };
         self.commit_agent_release(release, |i| {
             if i == 0 {

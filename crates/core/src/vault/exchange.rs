@@ -7,7 +7,7 @@ use super::*;
 pub(super) struct AuthenticatedClient {
     pub(super) agent: Agent,
     pub(super) method: &'static str,
-    keys: Option<Vec<PublicKey>>,
+    keys: Option<Arc<Vec<PublicKey>>>,
     pub(super) assertion_jti: Option<JtiUse>,
 }
 
@@ -24,7 +24,13 @@ pub(super) struct Attempt {
     pub(super) account_id: Option<String>,
     pub(super) scopes: Option<String>,
     audit_context: Option<String>,
+    /// The configuration revision the request was decided at, when it read the cache.
+    revision: Option<i64>,
 }
+
+/// How many times one token request is decided, at most, when the configuration changes under
+/// it (see `hot.rs`).
+const MAX_DECISIONS: usize = 3;
 
 impl Attempt {
     /// A request whose client authentication failed before anything else was learnt.
@@ -95,6 +101,9 @@ pub(super) struct Release<'a> {
     pub audit_context: Option<String>,
     pub ctx: &'a RequestContext,
     pub jtis: &'a [JtiUse],
+    /// The configuration revision the release was decided at, if it read the cache: it
+    /// commits only if the configuration is still there.
+    pub revision: Option<i64>,
 }
 
 impl Vault {
@@ -105,10 +114,23 @@ impl Vault {
         basic: Option<BasicCredentials>,
         ctx: &RequestContext,
     ) -> Result<TokenResponse, OAuthError> {
-        let mut attempt = Attempt::default();
-        let result = self
-            .token_inner(params, basic.as_ref(), ctx, &mut attempt)
-            .await;
+        let mut decisions = 0;
+        let (result, attempt) = loop {
+            let mut attempt = Attempt::default();
+            let result = self
+                .token_inner(params, basic.as_ref(), ctx, &mut attempt)
+                .await;
+            decisions += 1;
+            // Decided from the cached configuration and refused (or stale at commit): answer
+            // only if the configuration is still what the decision saw.
+            if let (Err(_), Some(at)) = (&result, attempt.revision)
+                && decisions < MAX_DECISIONS
+                && self.config_moved_since(at).await
+            {
+                continue;
+            }
+            break (result, attempt);
+        };
         let outcome = match &result {
             Ok(_) => "released",
             Err(e) => e.code,
@@ -186,8 +208,15 @@ impl Vault {
         attempt: &mut Attempt,
     ) -> Result<TokenResponse, OAuthError> {
         let grant_type = params.require("grant_type")?;
+        // Token-vault exchanges, the hot path, read the configuration through the cache.
+        let at = if grant_type == GRANT_TOKEN_VAULT {
+            Some(self.hot.begin(&*self.store).await.map_err(store_err)?)
+        } else {
+            None
+        };
+        attempt.revision = at;
         attempt.authenticating = true;
-        let client = self.authenticate_client(params, basic).await?;
+        let client = self.authenticate_client_at(at, params, basic).await?;
         attempt.client = Some((client.agent.id.clone(), client.method));
         if let Err(retry_after) = self.rate.check(
             &client.agent.id,
@@ -229,6 +258,17 @@ impl Vault {
         params: &Params,
         basic: Option<&BasicCredentials>,
     ) -> Result<AuthenticatedClient, OAuthError> {
+        self.authenticate_client_at(None, params, basic).await
+    }
+
+    /// Client authentication, reading agents and keys through the configuration cache when
+    /// the request is decided at a revision (`at`).
+    async fn authenticate_client_at(
+        &self,
+        at: Option<i64>,
+        params: &Params,
+        basic: Option<&BasicCredentials>,
+    ) -> Result<AuthenticatedClient, OAuthError> {
         let body_secret = params.get("client_secret");
         let assertion = params.get("client_assertion");
         let methods = [basic.is_some(), body_secret.is_some(), assertion.is_some()];
@@ -266,6 +306,7 @@ impl Vault {
             }
             return self
                 .secret_client(
+                    at,
                     Some(&basic.client_id),
                     basic.client_secret.expose_secret(),
                     "client_secret_basic",
@@ -274,7 +315,7 @@ impl Vault {
         }
         if let Some(secret) = body_secret {
             return self
-                .secret_client(client_id, secret, "client_secret_post")
+                .secret_client(at, client_id, secret, "client_secret_post")
                 .await;
         }
         let assertion = assertion.unwrap_or_default();
@@ -283,19 +324,26 @@ impl Vault {
                 "client_assertion_type must be {ASSERTION_TYPE_JWT_BEARER}"
             )));
         }
-        self.assertion_client(client_id, assertion).await
+        self.assertion_client(at, client_id, assertion).await
     }
 
     async fn secret_client(
         &self,
+        at: Option<i64>,
         client_id: Option<&str>,
         secret: &str,
         method: &'static str,
     ) -> Result<AuthenticatedClient, OAuthError> {
         let bad = || OAuthError::invalid_client("unknown client or wrong client secret");
+        let hash = self.secret_hash(secret);
         let agent = self
-            .store
-            .agent_by_secret_hash(&self.secret_hash(secret))
+            .hot
+            .through(
+                at,
+                |g| &mut g.agents_by_secret,
+                hash.clone(),
+                self.store.agent_by_secret_hash(&hash),
+            )
             .await
             .map_err(store_err)?
             .ok_or_else(bad)?;
@@ -310,22 +358,36 @@ impl Vault {
         })
     }
 
-    async fn agent_public_keys(&self, agent_id: &str) -> Result<Vec<PublicKey>, OAuthError> {
-        let rows = self.store.agent_keys(agent_id).await.map_err(store_err)?;
-        Ok(rows
-            .iter()
-            .filter_map(|k| match PublicKey::from_jwk_json(&k.jwk) {
-                Ok(pk) => Some(pk),
-                Err(e) => {
-                    tracing::error!(agent = agent_id, kid = %k.kid, error = %e, "stored agent key is unusable");
-                    None
-                }
-            })
-            .collect())
+    async fn agent_public_keys(
+        &self,
+        at: Option<i64>,
+        agent_id: &str,
+    ) -> Result<Arc<Vec<PublicKey>>, OAuthError> {
+        let load = async {
+            let rows = self.store.agent_keys(agent_id).await?;
+            let keys = rows
+                .iter()
+                .filter_map(|k| match PublicKey::from_jwk_json(&k.jwk) {
+                    Ok(pk) => Some(pk),
+                    Err(e) => {
+                        tracing::error!(agent = agent_id, kid = %k.kid, error = %e, "stored agent key is unusable");
+                        None
+                    }
+                })
+                .collect();
+            Ok(Some(Arc::new(keys)))
+        };
+        Ok(self
+            .hot
+            .through(at, |g| &mut g.keys, agent_id.to_owned(), load)
+            .await
+            .map_err(store_err)?
+            .unwrap_or_default())
     }
 
     async fn assertion_client(
         &self,
+        at: Option<i64>,
         client_id: Option<&str>,
         assertion: &str,
     ) -> Result<AuthenticatedClient, OAuthError> {
@@ -336,13 +398,18 @@ impl Vault {
             return Err(bad("`iss` is not the client_id"));
         }
         let agent = self
-            .store
-            .agent_by_id(&iss)
+            .hot
+            .through(
+                at,
+                |g| &mut g.agents,
+                iss.clone(),
+                self.store.agent_by_id(&iss),
+            )
             .await
             .map_err(store_err)?
             .filter(|a| !a.disabled)
             .ok_or_else(|| bad("unknown client"))?;
-        let keys = self.agent_public_keys(&agent.id).await?;
+        let keys = self.agent_public_keys(at, &agent.id).await?;
         let claims =
             verify_jws(assertion, TypRule::JwtOrAbsent, &keys).map_err(|e| bad(&jws_reason(&e)))?;
         let now = self.now();
@@ -402,6 +469,7 @@ impl Vault {
         attempt: &mut Attempt,
     ) -> Result<TokenResponse, OAuthError> {
         attempt.scopes = params.get("scope").map(|s| cut(s, MAX_REFUSAL_REASON));
+        let at = attempt.revision;
         let subject_token = params.require("subject_token")?;
         let subject_type = params.require("subject_token_type")?;
         let requested = params.require("requested_token_type")?;
@@ -436,7 +504,7 @@ impl Vault {
             TOKEN_TYPE_JWT => {
                 let keys = match &client.keys {
                     Some(k) => k.clone(),
-                    None => self.agent_public_keys(&agent.id).await?,
+                    None => self.agent_public_keys(at, &agent.id).await?,
                 };
                 let claims = verify_jws(subject_token, TypRule::Exactly(SUBJECT_JWT_TYP), &keys)
                     .map_err(|e| {
@@ -491,8 +559,13 @@ impl Vault {
 
         // Policy: deny unless a grant covers (agent, connection, scopes) and the address.
         let connection = self
-            .store
-            .connection_by_name(connection_name)
+            .hot
+            .through(
+                at,
+                |g| &mut g.connections,
+                connection_name.to_owned(),
+                self.store.connection_by_name(connection_name),
+            )
             .await
             .map_err(store_err)?
             .ok_or_else(|| {
@@ -502,8 +575,13 @@ impl Vault {
             })?;
         attempt.connection = Some(connection.name.clone());
         let grant = self
-            .store
-            .grant_for(&agent.id, &connection.id)
+            .hot
+            .through(
+                at,
+                |g| &mut g.grants,
+                (agent.id.clone(), connection.id.clone()),
+                self.store.grant_for(&agent.id, &connection.id),
+            )
             .await
             .map_err(store_err)?
             .ok_or_else(|| {
@@ -538,20 +616,29 @@ impl Vault {
             None => grant.scopes.clone(),
         };
 
-        let user = self
-            .store
-            .user_by_id(&subject.user_id)
+        // An active account means the user exists (deleting a user deletes their accounts in
+        // the same transaction); the user is looked up only to say why there is none.
+        let user_id = subject.user_id.as_str();
+        let account = match self
+            .pick_account(user_id, &connection, params.get("login_hint"))
             .await
-            .map_err(store_err)?
-            .ok_or_else(|| {
-                OAuthError::invalid_grant(format!(
-                    "subject_token names an unknown user `{}`",
-                    subject.user_id
-                ))
-            })?;
-        let account = self
-            .pick_account(&user.id, &connection, params.get("login_hint"))
-            .await?;
+        {
+            Ok(account) => account,
+            Err(e) => {
+                if self
+                    .store
+                    .user_by_id(user_id)
+                    .await
+                    .map_err(store_err)?
+                    .is_none()
+                {
+                    return Err(OAuthError::invalid_grant(format!(
+                        "subject_token names an unknown user `{user_id}`"
+                    )));
+                }
+                return Err(e);
+            }
+        };
         attempt.account_id = Some(account.id.clone());
         let scope = if params.get("scope").is_some() {
             if !wanted.is_subset(&account.scopes) {
@@ -574,7 +661,7 @@ impl Vault {
 
         // Policy beyond the scopes: the grant's hours, its quotas, and the risk of what would
         // be released (an approval for medium and above). Refusals name the rule.
-        let quota = self.grant_policy_gate(&grant, &connection, &user.id)?;
+        let quota = self.grant_policy_gate(&grant, &connection, user_id)?;
         let policy = &grant.policy;
         let assessment =
             crate::policy::assess(&scope, catalog::risk_table(&connection), &policy.risk);
@@ -582,7 +669,7 @@ impl Vault {
             Some(
                 self.approval_gate(&crate::policy::ApprovalRequest {
                     agent_id: agent.id.clone(),
-                    user_id: user.id.clone(),
+                    user_id: user_id.to_owned(),
                     connection: connection.name.clone(),
                     scopes: scope.clone(),
                     risk: assessment.risk,
@@ -590,7 +677,7 @@ impl Vault {
                     requirement: assessment.requirement(),
                     request_hash: crate::policy::request_hash(
                         &agent.id,
-                        &user.id,
+                        user_id,
                         &connection.name,
                         &scope,
                     ),
@@ -651,7 +738,7 @@ impl Vault {
         let release = Release {
             agent,
             method: client.method,
-            user_id: &user.id,
+            user_id,
             connection: &connection,
             account_id: &account.id,
             scopes: &scope,
@@ -660,6 +747,7 @@ impl Vault {
             audit_context: subject.audit_context,
             ctx,
             jtis: &jtis,
+            revision: at,
         };
         self.commit_agent_release(release, |i| {
             if Some(i) == approval_index {
@@ -717,7 +805,7 @@ impl Vault {
         };
         match self
             .store
-            .commit_release(r.jtis, r.account_id, &audit)
+            .commit_release(r.revision, r.jtis, r.account_id, &audit)
             .await
         {
             Ok(()) => Ok(()),
@@ -727,6 +815,24 @@ impl Vault {
                 self.config.connect_uri(&r.connection.name),
             )),
             Err(ReleaseError::Store(e)) => Err(store_err(e)),
+            // Decided on a configuration that has changed since: nothing was written, and
+            // `token` decides the request again.
+            Err(ReleaseError::Stale(now)) => {
+                self.hot.advance(now);
+                Err(OAuthError::storage_unavailable())
+            }
+        }
+    }
+
+    /// Whether the configuration has moved past `at` (then the cache forgets what it held).
+    /// A store that cannot answer counts as not moved: the answer already in hand stands.
+    async fn config_moved_since(&self, at: i64) -> bool {
+        match self.store.config_revision().await {
+            Ok(now) if now != at => {
+                self.hot.advance(now);
+                true
+            }
+            _ => false,
         }
     }
 

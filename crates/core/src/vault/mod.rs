@@ -43,6 +43,7 @@ mod audit;
 mod ciba;
 mod connect;
 mod exchange;
+mod hot;
 mod my_account;
 mod oidc;
 mod tokens;
@@ -241,6 +242,8 @@ pub struct Vault {
     /// Signs audit checkpoints.
     checkpoints: latchkey_crypto::audit::CheckpointSigner,
     audit_key: Arc<crate::audit::AuditKey>,
+    /// What token-vault exchanges read of the configuration, kept in memory (see `hot.rs`).
+    hot: hot::ConfigCache,
 }
 
 impl Vault {
@@ -288,6 +291,7 @@ impl Vault {
             rate: Default::default(),
             quotas: Default::default(),
             login_failures: Default::default(),
+            hot: Default::default(),
         })
     }
 

@@ -21,7 +21,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
+mod reads;
 mod release;
+
+use reads::{Columns, Readers, sqlite};
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("schema.sql")),
@@ -30,6 +33,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("v4_audit_read.sql")),
     (5, include_str!("v5_policy.sql")),
     (6, include_str!("v6_approvals.sql")),
+    (7, include_str!("v7_config_revision.sql")),
 ];
 
 #[derive(Clone, Debug)]
@@ -39,8 +43,10 @@ pub struct SqliteStore {
     audit_key: Arc<RwLock<Option<Arc<AuditKey>>>>,
     /// Whether every entry is also sent as a webhook.
     audit_webhook: Arc<std::sync::atomic::AtomicBool>,
-    /// The group-commit writer of token releases (see `release.rs`).
-    releases: tokio::sync::mpsc::UnboundedSender<release::ReleaseJob>,
+    /// Synchronous readers for the exchange's hot path (see `reads.rs`).
+    readers: Arc<Readers>,
+    /// The group-commit writer of token releases, a thread of its own (see `release.rs`).
+    releases: std::sync::mpsc::Sender<release::ReleaseJob>,
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -76,15 +82,22 @@ impl SqliteStore {
             .map_err(unavailable)?;
         let audit_key = Arc::<RwLock<Option<Arc<AuditKey>>>>::default();
         let audit_webhook = Arc::<std::sync::atomic::AtomicBool>::default();
-        let releases =
-            release::spawn_writer(pool.clone(), audit_key.clone(), audit_webhook.clone());
+        // The release writer opens its own connection, once the schema is in place.
+        let (releases, jobs) = std::sync::mpsc::channel();
         let store = Self {
             pool,
             audit_key,
             audit_webhook,
+            readers: Arc::new(Readers::new(path)),
             releases,
         };
         store.migrate().await?;
+        release::spawn_writer(
+            path,
+            jobs,
+            store.audit_key.clone(),
+            store.audit_webhook.clone(),
+        )?;
         Ok(store)
     }
 
@@ -208,28 +221,36 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
         .map(|_| ())
 }
 
-/// Append an entry (and its webhook, if any) inside `tx`, chained to the last one: the next
-/// sequence number and the MAC over it, its content and the previous MAC. The write lock of
-/// `tx` (`BEGIN IMMEDIATE`) keeps the chain linear.
+/// What an audit entry is written with: the chain's MAC key (once the vault unsealed it), and
+/// whether every entry is also sent as a webhook.
 struct AuditSink {
     key: Option<Arc<AuditKey>>,
     webhook: bool,
 }
 
-async fn insert_audit(
-    tx: &mut Transaction<'static, Sqlite>,
+/// The last link of the audit chain: its `seq` and `mac`.
+const AUDIT_LAST: &str = "SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1";
+
+/// An audit entry: `seq`, the record's columns in this order, then `mac`.
+const AUDIT_INSERT: &str = "INSERT INTO audit_events (seq, at, actor_type, actor_id, auth_method, \
+     subject_user, action, connection, account_id, agent_id, scopes, decision, reason, \
+     audit_context, request_id, client_ip, mac) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
+/// A webhook to deliver: event, body, created_at, next_attempt_at.
+const OUTBOX_INSERT: &str = "INSERT INTO webhook_outbox (id, event, body, created_at, next_attempt_at) \
+     VALUES ('whk_' || lower(hex(randomblob(16))), ?, ?, ?, ?)";
+
+/// The link after `last` (read with [`AUDIT_LAST`] under the write lock): the next sequence
+/// number and the MAC over it, the record and the previous MAC.
+fn audit_link(
     sink: &AuditSink,
+    last: Option<(i64, Option<String>)>,
     a: &AuditRecord,
-) -> Result<(), StoreError> {
-    let key = sink.key.as_deref();
-    let last: Option<(i64, Option<String>)> =
-        sqlx::query_as("SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(unavailable)?;
+) -> Result<(i64, Option<String>), StoreError> {
     let seq = last.as_ref().map_or(1, |(s, _)| s + 1);
     let prev = last.as_ref().and_then(|(_, m)| m.as_deref());
-    let mac = match (key, &last) {
+    let mac = match (sink.key.as_deref(), &last) {
         (Some(k), _) => Some(k.mac(prev, seq, a)),
         // Before the key is installed, only an unchained beginning may be written.
         (None, None) | (None, Some((_, None))) => None,
@@ -239,55 +260,75 @@ async fn insert_audit(
             ));
         }
     };
-    sqlx::query(
-        "INSERT INTO audit_events (seq, at, actor_type, actor_id, auth_method, subject_user, action, connection, \
-         account_id, agent_id, scopes, decision, reason, audit_context, request_id, client_ip, mac) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(seq)
-    .bind(a.at)
-    .bind(&a.actor_type)
-    .bind(&a.actor_id)
-    .bind(&a.auth_method)
-    .bind(&a.subject_user)
-    .bind(&a.action)
-    .bind(&a.connection)
-    .bind(&a.account_id)
-    .bind(&a.agent_id)
-    .bind(&a.scopes)
-    .bind(&a.decision)
-    .bind(&a.reason)
-    .bind(&a.audit_context)
-    .bind(&a.request_id)
-    .bind(&a.client_ip)
-    .bind(&mac)
-    .execute(&mut **tx)
-    .await
-    .map_err(unavailable)?;
-    let entry_event = sink.webhook.then(|| {
+    Ok((seq, mac))
+}
+
+/// The `audit.entry` webhook of an entry, when the sink sends every entry. (The record's own
+/// `notify` goes to the outbox too.)
+fn audit_entry_event(
+    sink: &AuditSink,
+    seq: i64,
+    a: &AuditRecord,
+    mac: &Option<String>,
+) -> Option<Notification> {
+    sink.webhook.then(|| {
         let entry = AuditEntry {
             seq,
             record: a.clone(),
-            mac,
+            mac: mac.clone(),
         };
         Notification {
             event: "audit.entry".into(),
             body: serde_json::to_string(&latchkey_core::audit::entry_view(&entry))
                 .unwrap_or_default(),
         }
-    });
-    for n in a.notify.iter().chain(entry_event.as_ref()) {
-        sqlx::query(
-            "INSERT INTO webhook_outbox (id, event, body, created_at, next_attempt_at) \
-             VALUES ('whk_' || lower(hex(randomblob(16))), ?, ?, ?, ?)",
-        )
-        .bind(&n.event)
-        .bind(&n.body)
+    })
+}
+
+/// Append an entry (and its webhooks, if any) inside `tx`, chained to the last one (see
+/// [`audit_link`]). The write lock of `tx` (`BEGIN IMMEDIATE`) keeps the chain linear. The
+/// release writer does the same on its own connection (`release.rs`).
+async fn insert_audit(
+    tx: &mut Transaction<'static, Sqlite>,
+    sink: &AuditSink,
+    a: &AuditRecord,
+) -> Result<(), StoreError> {
+    let last: Option<(i64, Option<String>)> = sqlx::query_as(AUDIT_LAST)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    let (seq, mac) = audit_link(sink, last, a)?;
+    sqlx::query(AUDIT_INSERT)
+        .bind(seq)
         .bind(a.at)
-        .bind(a.at)
+        .bind(&a.actor_type)
+        .bind(&a.actor_id)
+        .bind(&a.auth_method)
+        .bind(&a.subject_user)
+        .bind(&a.action)
+        .bind(&a.connection)
+        .bind(&a.account_id)
+        .bind(&a.agent_id)
+        .bind(&a.scopes)
+        .bind(&a.decision)
+        .bind(&a.reason)
+        .bind(&a.audit_context)
+        .bind(&a.request_id)
+        .bind(&a.client_ip)
+        .bind(&mac)
         .execute(&mut **tx)
         .await
         .map_err(unavailable)?;
+    let entry_event = audit_entry_event(sink, seq, a, &mac);
+    for n in a.notify.iter().chain(entry_event.as_ref()) {
+        sqlx::query(OUTBOX_INSERT)
+            .bind(&n.event)
+            .bind(&n.body)
+            .bind(a.at)
+            .bind(a.at)
+            .execute(&mut **tx)
+            .await
+            .map_err(unavailable)?;
     }
     Ok(())
 }
@@ -356,24 +397,24 @@ fn connection_row(r: &SqliteRow) -> Connection {
     }
 }
 
-fn account_row(r: &SqliteRow) -> ConnectedAccount {
+fn account_row(r: &impl Columns) -> ConnectedAccount {
     ConnectedAccount {
-        id: r.get("id"),
-        user_id: r.get("user_id"),
-        connection_id: r.get("connection_id"),
-        upstream_account_id: r.get("upstream_account_id"),
-        scopes: Scopes::parse(r.get::<&str, _>("scopes")),
-        access_token: r.get("access_token"),
-        access_expires_at: r.get("access_expires_at"),
-        refresh_token: r.get("refresh_token"),
-        status: AccountStatus::parse(r.get::<&str, _>("status")),
-        status_reason: r.get("status_reason"),
-        created_at: r.get("created_at"),
-        updated_at: r.get("updated_at"),
-        last_used_at: r.get("last_used_at"),
-        last_refreshed_at: r.get("last_refreshed_at"),
-        token_version: r.get("token_version"),
-        refresh_started_at: r.get("refresh_started_at"),
+        id: r.text("id"),
+        user_id: r.text("user_id"),
+        connection_id: r.text("connection_id"),
+        upstream_account_id: r.opt_text("upstream_account_id"),
+        scopes: Scopes::parse(&r.text("scopes")),
+        access_token: r.opt_blob("access_token"),
+        access_expires_at: r.opt_int("access_expires_at"),
+        refresh_token: r.opt_blob("refresh_token"),
+        status: AccountStatus::parse(&r.text("status")),
+        status_reason: r.opt_text("status_reason"),
+        created_at: r.int("created_at"),
+        updated_at: r.int("updated_at"),
+        last_used_at: r.opt_int("last_used_at"),
+        last_refreshed_at: r.opt_int("last_refreshed_at"),
+        token_version: r.int("token_version"),
+        refresh_started_at: r.opt_int("refresh_started_at"),
     }
 }
 
@@ -838,15 +879,14 @@ impl Store for SqliteStore {
         user_id: &str,
         connection_id: &str,
     ) -> StoreResult<Vec<ConnectedAccount>> {
-        let rows = sqlx::query(
-            "SELECT * FROM connected_accounts WHERE user_id = ? AND connection_id = ? ORDER BY created_at DESC, id",
-        )
-        .bind(user_id)
-        .bind(connection_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(rows.iter().map(account_row).collect())
+        // Every token exchange reads this: on the caller's thread (see `reads.rs`).
+        self.readers.read(|c| {
+            c.prepare_cached(
+                "SELECT * FROM connected_accounts WHERE user_id = ? AND connection_id = ? ORDER BY created_at DESC, id",
+            )?
+            .query_map([user_id, connection_id], |r| Ok(account_row(r)))?
+            .collect()
+        })
     }
 
     async fn list_accounts(&self, user_id: Option<&str>) -> StoreResult<Vec<ConnectedAccount>> {
@@ -913,16 +953,17 @@ impl Store for SqliteStore {
     }
 
     async fn scoped_token(&self, id: &str) -> StoreResult<Option<ScopedToken>> {
-        self.find("SELECT * FROM scoped_tokens WHERE id = ?", id, |r| {
-            ScopedToken {
-                id: r.get("id"),
-                account_id: r.get("account_id"),
-                scopes: Scopes::parse(r.get::<&str, _>("scopes")),
-                access_token: r.get("access_token"),
-                expires_at: r.get("expires_at"),
-            }
-        })
-        .await
+        // Every exchange narrowed below the consent reads this: on the caller's thread.
+        self.readers
+            .find("SELECT * FROM scoped_tokens WHERE id = ?", id, |r| {
+                ScopedToken {
+                    id: r.text("id"),
+                    account_id: r.text("account_id"),
+                    scopes: Scopes::parse(&r.text("scopes")),
+                    access_token: r.blob("access_token"),
+                    expires_at: r.opt_int("expires_at"),
+                }
+            })
     }
 
     async fn claim_refresh_work(&self, q: &RefreshQuery) -> StoreResult<Vec<RefreshWork>> {
@@ -1292,14 +1333,23 @@ impl Store for SqliteStore {
         Ok(deleted == 1)
     }
 
+    async fn config_revision(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT value FROM config_revision WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
     async fn commit_release(
         &self,
+        revision: Option<i64>,
         jtis: &[JtiUse],
         account_id: &str,
         audit: &AuditRecord,
     ) -> Result<(), ReleaseError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job = release::ReleaseJob {
+            revision,
             jtis: jtis.to_vec(),
             account_id: account_id.to_owned(),
             audit: audit.clone(),

@@ -165,18 +165,33 @@ async fn release_consumes_jtis_atomically() {
         key: k.into(),
         expires_at: 10,
     };
-    s.commit_release(&[j("a:1"), j("s:1")], "cac_1", &audit("token.release"))
-        .await
-        .unwrap();
+    s.commit_release(
+        None,
+        &[j("a:1"), j("s:1")],
+        "cac_1",
+        &audit("token.release"),
+    )
+    .await
+    .unwrap();
     // Replaying either jti fails and writes nothing (the fresh one is not consumed either).
     assert!(matches!(
-        s.commit_release(&[j("a:2"), j("s:1")], "cac_1", &audit("token.release"))
-            .await,
+        s.commit_release(
+            None,
+            &[j("a:2"), j("s:1")],
+            "cac_1",
+            &audit("token.release")
+        )
+        .await,
         Err(ReleaseError::Replay(1))
     ));
-    s.commit_release(&[j("a:2"), j("s:2")], "cac_1", &audit("token.release"))
-        .await
-        .unwrap();
+    s.commit_release(
+        None,
+        &[j("a:2"), j("s:2")],
+        "cac_1",
+        &audit("token.release"),
+    )
+    .await
+    .unwrap();
     let releases = s
         .list_audit(100)
         .await
@@ -192,7 +207,7 @@ async fn release_consumes_jtis_atomically() {
             .unwrap()
     );
     assert!(matches!(
-        s.commit_release(&[j("s:3")], "cac_1", &audit("token.release"))
+        s.commit_release(None, &[j("s:3")], "cac_1", &audit("token.release"))
             .await,
         Err(ReleaseError::AccountInactive)
     ));
@@ -372,6 +387,7 @@ async fn refresh_work_is_claimed_once_and_covers_every_reason() {
         expires_at: 10,
     };
     s.commit_release(
+        None,
         &[j],
         "cac_1",
         &AuditRecord {
@@ -911,4 +927,56 @@ async fn a_grant_keeps_its_policy_and_an_unreadable_one_releases_nothing() {
         .unwrap();
     let broken = s.grant_for("agt_1", "con_1").await.unwrap().unwrap();
     assert!(broken.policy.unreadable.unwrap().contains("whenever"));
+}
+
+#[tokio::test]
+async fn a_release_decided_at_a_stale_revision_writes_nothing() {
+    let (_d, s) = store().await;
+    seed(&s).await;
+    let j = |k: &str| JtiUse {
+        key: k.into(),
+        expires_at: 10,
+    };
+    let stale = s.config_revision().await.unwrap();
+    // Adding an agent moves the revision forward.
+    let agent = Agent {
+        id: "agt_1".into(),
+        name: "bot".into(),
+        created_at: 1,
+        ..Default::default()
+    };
+    s.insert_agent(&agent, &[], &audit("client.create"))
+        .await
+        .unwrap();
+    let current = s.config_revision().await.unwrap();
+    assert!(current > stale, "{current} after {stale}");
+    let entries = s.list_audit(100).await.unwrap().len();
+
+    let refused = s
+        .commit_release(Some(stale), &[j("a:1")], "cac_1", &audit("token.release"))
+        .await;
+    assert!(
+        matches!(refused, Err(ReleaseError::Stale(now)) if now == current),
+        "{refused:?}"
+    );
+    let jtis: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM used_jtis")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(jtis, 0);
+    assert_eq!(s.list_audit(100).await.unwrap().len(), entries);
+
+    // At the current revision the same release goes through, chained after the others.
+    s.commit_release(Some(current), &[j("a:1")], "cac_1", &audit("token.release"))
+        .await
+        .unwrap();
+    let log = s.list_audit(100).await.unwrap();
+    assert_eq!(log.len(), entries + 1);
+    assert_eq!(log[0].record.action, "token.release");
+    let mut seqs: Vec<i64> = log.iter().map(|e| e.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=log.len() as i64).collect::<Vec<_>>());
+    let a = s.account_by_id("cac_1").await.unwrap().unwrap();
+    assert_eq!(a.last_used_at, Some(1));
+    assert_eq!(s.config_revision().await.unwrap(), current);
 }
