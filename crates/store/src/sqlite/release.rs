@@ -49,6 +49,21 @@ pub(super) struct ReleaseJob {
     pub reply: oneshot::Sender<Result<(), ReleaseError>>,
 }
 
+/// How long the writer waits for more releases when the batch is small under load…
+const LINGER: std::time::Duration = std::time::Duration::from_micros(200);
+/// …and how small is small.
+const LINGER_BELOW: usize = 16;
+
+/// Take what else is waiting, up to [`MAX_BATCH`].
+fn drain(jobs: &Receiver<ReleaseJob>, batch: &mut Vec<ReleaseJob>) {
+    while batch.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Open the writer's connection to the (already migrated) database at `path` and start the
 /// writer thread on `jobs`; it stops when every sender is gone (the store was dropped).
 pub(super) fn spawn_writer(
@@ -62,14 +77,19 @@ pub(super) fn spawn_writer(
     std::thread::Builder::new()
         .name("latchkey-release".into())
         .spawn(move || {
+            let mut last_batch = 0;
             while let Ok(first) = jobs.recv() {
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match jobs.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
+                drain(&jobs, &mut batch);
+                // Under concurrent load, a moment's wait fills the batch: fewer commits, each
+                // writing its pages once for many releases. A lone request never waits.
+                if last_batch > 1 && batch.len() < LINGER_BELOW {
+                    #[allow(clippy::disallowed_methods)]
+                    // the writer's own thread, not the runtime
+                    std::thread::sleep(LINGER);
+                    drain(&jobs, &mut batch);
                 }
+                last_batch = batch.len();
                 let sink = AuditSink {
                     key: key.read().expect("audit key lock").clone(),
                     webhook: webhook.load(Ordering::Relaxed),
