@@ -8,12 +8,18 @@ What it does (see bench/README.md for the why):
     consent, callback), so the vault holds a cached, fresh upstream access token.
  3. Registers an agent `bench-agent` with an RSA-2048 public key and a client secret, and
     grants it `read:user repo:read` on `demo-git`.
- 4. Checks that one exchange succeeds (HTTP 200 with `access_token`).
+ 4. Checks that one exchange succeeds (HTTP 200 with `access_token`) and that a replayed body
+    is refused, for client_secret_post and (unless --skip-pkjwt) private_key_jwt.
  5. Runs wrk against `GET /healthz` (the bare HTTPS baseline).
  6. Warm-up exchange run to estimate the rate, then pre-signs ~1.5 x rate x duration distinct
     request bodies (one single-use `jti` each, signed in 2 processes right before the run)
-    and runs wrk with the same thread/connection settings against `POST /oauth/token`.
- 7. Prints a table and appends a dated Markdown section to bench/results.md.
+    and runs wrk with the same thread/connection settings against `POST /oauth/token`
+    (client_secret_post).
+ 7. The same again with private_key_jwt client authentication: each body also carries an RS256
+    client assertion (own `jti`) signed by the agent key, so two signatures are verified per
+    request (leave it out with --skip-pkjwt).
+ 8. Reads the audit events and used `jti`s from the database and compares them with the 200s.
+ 9. Prints a table and appends a dated Markdown section to bench/results.md.
 
 All traffic goes to 127.0.0.1 only, every wrk run is bounded by -d, and the server is
 stopped at the end.
@@ -50,6 +56,7 @@ LUA = BENCH_DIR / "wrk.lua"
 GRANT_TYPE = "urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token"
 SUBJECT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 REQUESTED_TOKEN_TYPE = "http://auth0.com/oauth/token-type/token-vault-access-token"
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 CONNECTION = "demo-git"
 SCOPES = "read:user repo:read"
 
@@ -57,7 +64,7 @@ SCOPES = "read:user repo:read"
 SUBJECT_MAX_AGE = 60  # seconds: a subject JWT whose `iat` is older is refused
 SAFETY = 12  # seconds kept free under SUBJECT_MAX_AGE (setup of wrk, clock granularity)
 
-TARGETS = {"rps": 20_000, "p99_ms": 10.0, "ratio": 0.25}
+TARGETS = {"rps": 20_000, "p99_ms": 10.0, "ratio": 0.25, "pkjwt_rps": 15_000}
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,17 +293,37 @@ def _signer_init(ctx: dict) -> None:
     _SIGNER["header"] = b64url(
         json.dumps({"alg": "RS256", "typ": "token-vault-req+jwt", "kid": ctx["kid"]}, separators=(",", ":")).encode()
     )
-    # Everything but the subject token is the same for every request.
-    _SIGNER["prefix"] = urllib.parse.urlencode(
-        {
-            "grant_type": GRANT_TYPE,
-            "client_id": ctx["client_id"],
-            "client_secret": ctx["client_secret"],
-            "subject_token_type": SUBJECT_TOKEN_TYPE,
-            "requested_token_type": REQUESTED_TOKEN_TYPE,
-            "connection": CONNECTION,
-        }
-    )
+    # Client assertion (private_key_jwt): same key, no `typ`.
+    _SIGNER["assertion_header"] = b64url(json.dumps({"alg": "RS256", "kid": ctx["kid"]}, separators=(",", ":")).encode())
+    # Everything but the subject token (and the client assertion) is the same for every request.
+    _SIGNER["prefix"] = {
+        "secret": urllib.parse.urlencode(
+            {
+                "grant_type": GRANT_TYPE,
+                "client_id": ctx["client_id"],
+                "client_secret": ctx["client_secret"],
+                "subject_token_type": SUBJECT_TOKEN_TYPE,
+                "requested_token_type": REQUESTED_TOKEN_TYPE,
+                "connection": CONNECTION,
+            }
+        ),
+        "pkjwt": urllib.parse.urlencode(
+            {
+                "grant_type": GRANT_TYPE,
+                "client_id": ctx["client_id"],
+                "client_assertion_type": CLIENT_ASSERTION_TYPE,
+                "subject_token_type": SUBJECT_TOKEN_TYPE,
+                "requested_token_type": REQUESTED_TOKEN_TYPE,
+                "connection": CONNECTION,
+            }
+        ),
+    }
+
+
+def _sign(header: str, claims: dict) -> str:
+    signing_input = header + "." + b64url(json.dumps(claims, separators=(",", ":")).encode())
+    sig = _SIGNER["key"].sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return signing_input + "." + b64url(sig)
 
 
 def _subject_jwt(jti: str) -> str:
@@ -310,16 +337,27 @@ def _subject_jwt(jti: str) -> str:
         "jti": jti,
         "audit_context": "bench",
     }
-    signing_input = _SIGNER["header"] + "." + b64url(json.dumps(claims, separators=(",", ":")).encode())
-    sig = _SIGNER["key"].sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-    return signing_input + "." + b64url(sig)
+    return _sign(_SIGNER["header"], claims)
 
 
-def _sign_range(args: tuple[str, int, int]) -> list[str]:
-    tag, start, count = args
-    prefix = _SIGNER["prefix"]
+def _client_assertion(jti: str) -> str:
+    now = int(time.time())
+    cid = _SIGNER["client_id"]
+    claims = {"iss": cid, "sub": cid, "aud": _SIGNER["aud"], "iat": now, "exp": now + 60, "jti": jti}
+    return _sign(_SIGNER["assertion_header"], claims)
+
+
+def _body(mode: str, jti: str) -> str:
     # JWTs are base64url + '.', all safe in a form body without escaping.
-    return [f"{prefix}&subject_token={_subject_jwt(f'{tag}-{i}')}" for i in range(start, start + count)]
+    prefix = _SIGNER["prefix"][mode]
+    if mode == "pkjwt":
+        return f"{prefix}&client_assertion={_client_assertion(jti + '-a')}&subject_token={_subject_jwt(jti)}"
+    return f"{prefix}&subject_token={_subject_jwt(jti)}"
+
+
+def _sign_range(args: tuple[str, str, int, int]) -> list[str]:
+    mode, tag, start, count = args
+    return [_body(mode, f"{tag}-{i}") for i in range(start, start + count)]
 
 
 class Signer:
@@ -329,13 +367,13 @@ class Signer:
         self.seq = 0
         _signer_init(ctx)  # for single bodies in this process
 
-    def one(self, tag: str) -> str:
-        return _sign_range((tag, 0, 1))[0]
+    def one(self, tag: str, mode: str = "secret") -> str:
+        return _sign_range((mode, tag, 0, 1))[0]
 
-    def batch(self, tag: str, n: int) -> tuple[list[str], float]:
+    def batch(self, tag: str, n: int, mode: str = "secret") -> tuple[list[str], float]:
         t0 = time.monotonic()
         chunk = max(1, min(2000, math.ceil(n / (self.workers * 8))))
-        jobs = [(tag, i, min(chunk, n - i)) for i in range(0, n, chunk)]
+        jobs = [(mode, tag, i, min(chunk, n - i)) for i in range(0, n, chunk)]
         bodies: list[str] = []
         for part in self.pool.imap(_sign_range, jobs):
             bodies.extend(part)
@@ -402,6 +440,139 @@ def write_bodies(path: Path, bodies: list[str]) -> None:
         f.write("\n")
 
 
+def measure_exchange(signer: Signer, mode: str, base: str, args, run_tag: str, work: Path, server_pid: int,
+                     connected_at: float) -> dict:
+    """Warm-up, sizing, signing right before, then the measured run for one client-auth mode.
+
+    `mode` is "secret" (client_secret_post) or "pkjwt" (private_key_jwt: two signatures per body,
+    so the signing rate, and with it the cap, is measured for that body kind)."""
+    t, c, d = args.threads, args.connections, args.duration
+    sfx = "" if mode == "secret" else f"-{mode}"
+    name = "exchange" if mode == "secret" else "exchange (private_key_jwt)"
+    per_body = 1 if mode == "secret" else 2  # signatures per body
+
+    # Signing rate and warm-up exchange run to size the batch.
+    probe, probe_s = signer.batch(f"{run_tag}{sfx}-probe", 2000 * args.sign_workers // per_body, mode)
+    sign_rate = len(probe) / probe_s
+    log(f"{name}: signing rate: {sign_rate:.0f} bodies/s ({per_body} signature{'s' if per_body > 1 else ''} "
+        f"a body) with {args.sign_workers} processes")
+    sign_budget = SUBJECT_MAX_AGE - SAFETY - d  # seconds we may spend signing the main batch
+    max_bodies = int(sign_rate * sign_budget)
+
+    warm_n = max(len(probe), min(max_bodies, int(sign_rate * 3)))
+    extra, _ = signer.batch(f"{run_tag}{sfx}-warm", warm_n - len(probe), mode)
+    warm_bodies = probe + extra
+    warm_file = work / f"bodies-warmup{sfx}.txt"
+    write_bodies(warm_file, warm_bodies)
+    warm = run_wrk(base + "oauth/token", t, c, args.warmup, ["post", str(warm_file), str(t)], f"warmup{sfx}", work,
+                   server_pid)
+    if warm["exhausted"]:
+        # Lower bound only: the batch ran out. Size generously from it.
+        est = warm["bodies_used"] / (warm["duration_us"] / 1e6)
+        log(f"warm-up used all {len(warm_bodies)} bodies; rate is at least {est:.0f}/s")
+        est *= 2
+    else:
+        est = warm["ok_rps"]
+        log(f"warm-up: {warm['rps']:.0f} req/s ({warm['non200']} non-200), p99 {warm['p99_us'] / 1000:.2f} ms")
+    del warm_bodies, probe, extra
+
+    want = int(math.ceil(1.5 * est * d)) + 100 * c
+    n = min(want, max_bodies)
+    capped = n < want
+    if capped:
+        log(f"batch capped at {n} bodies (want {want}): signing must finish {SAFETY + d}s before the 60 s iat limit")
+
+    # The measured exchange run: sign right before, then load.
+    bodies, sign_s = signer.batch(f"{run_tag}{sfx}-run", n, mode)
+    main_file = work / f"bodies-run{sfx}.txt"
+    write_bodies(main_file, bodies)
+    del bodies
+    log(f"signed {n} bodies in {sign_s:.1f}s; oldest body will be {sign_s + d:.0f}s old at the end of the run")
+    if time.monotonic() - connected_at + d + 5 > 270:
+        log("warning: upstream token may be refreshed during the run (demo tokens live 300 s)")
+    ex = run_wrk(base + "oauth/token", t, c, d, ["post", str(main_file), str(t)], f"exchange{sfx}", work, server_pid)
+    log(f"{name}: {ex['ok_rps']:.0f} exchanges/s ({ex['non200']} non-200), p50 {ex['p50_us'] / 1000:.2f} ms, "
+        f"p99 {ex['p99_us'] / 1000:.2f} ms")
+    ex.update(sign_s=sign_s, bodies=n, warm=warm, sign_rate=sign_rate, capped=capped)
+    return ex
+
+
+def check_exchange(http: requests.Session, base: str, signer: Signer, run_tag: str, mode: str) -> tuple[int, bool, str]:
+    """One exchange checked in full, then one body sent twice (single-use `jti`).
+
+    Returns (number of 200s given, replay refused?, replay status text)."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    sfx = "" if mode == "secret" else f"-{mode}"
+    what = "check exchange" if mode == "secret" else "check exchange (private_key_jwt)"
+    r = http.post(base + "oauth/token", data=signer.one(f"{run_tag}-check{sfx}", mode), headers=form, timeout=10)
+    if r.status_code != 200 or "access_token" not in r.json():
+        raise SystemExit(f"{what} failed: HTTP {r.status_code}\n{r.text}")
+    log(f"{what} OK: token_type={r.json().get('token_type')!r} expires_in={r.json().get('expires_in')}")
+
+    body = signer.one(f"{run_tag}-replay{sfx}", mode)
+    r1 = http.post(base + "oauth/token", data=body, headers=form, timeout=10)
+    r2 = http.post(base + "oauth/token", data=body, headers=form, timeout=10)
+    # client_secret_post: the subject `jti` is reused (400 invalid_grant). private_key_jwt: the
+    # assertion's `jti` is checked first (401 invalid_client).
+    ok = r1.status_code == 200 and r2.status_code in ((400,) if mode == "secret" else (400, 401))
+    err = ""
+    try:
+        err = r2.json().get("error", "")
+    except ValueError:
+        pass
+    log(f"replay check{'' if mode == 'secret' else ' (private_key_jwt)'}: first {r1.status_code}, replay "
+        f"{r2.status_code} {err} ({'ok' if ok else 'UNEXPECTED'})")
+    return 1 + (r1.status_code == 200), ok, f"{r2.status_code} {err}".strip()
+
+
+def token_200s(http: requests.Session, base: str) -> int | None:
+    """How many `POST /oauth/token` the server has answered 200, by its own count (`GET /metrics`).
+
+    Unlike wrk's count, this includes requests still in flight when wrk stopped (the server
+    finishes them, and releases the token, after the client has gone)."""
+    try:
+        r = http.get(base + "metrics", timeout=10)
+    except requests.RequestException:
+        return None
+    if r.status_code != 200:
+        return None
+    n = None
+    for labels, value in re.findall(r"^latchkey_http_requests_total\{([^}]*)\}\s+(\S+)", r.text, re.M):
+        if 'method="POST"' in labels and 'route="/oauth/token"' in labels and 'status="200"' in labels:
+            n = (n or 0) + int(float(value))
+    return n or 0
+
+
+def settled_token_200s(http: requests.Session, base: str) -> int | None:
+    """`token_200s` once the requests left in flight by wrk have finished (stable for 0.3 s, at most 5 s)."""
+    last = token_200s(http, base)
+    deadline = time.monotonic() + 5
+    while last is not None and time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = token_200s(http, base)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def db_counts(data_dir: Path, key_part: str) -> tuple[int, int, int]:
+    """(`token.release` allow audit events, used `jti`s, used `jti`s whose key contains `key_part`),
+    read-only from the server's database."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{data_dir / 'latchkey.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        audit = db.execute(
+            "SELECT COUNT(*) FROM audit_events WHERE action='token.release' AND decision='allow'"
+        ).fetchone()[0]
+        jtis = db.execute("SELECT COUNT(*) FROM used_jtis").fetchone()[0]
+        part = db.execute("SELECT COUNT(*) FROM used_jtis WHERE instr(key, ?) > 0", (key_part,)).fetchone()[0]
+    finally:
+        db.close()
+    return audit, jtis, part
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -421,6 +592,8 @@ def main() -> int:
     ap.add_argument("--tmp-root", default=None,
                     help="parent of the temporary data dir (default: the system temp dir). Diagnostic only: "
                          "a tmpfs such as /dev/shm makes fsync free, so the run is no longer durable")
+    ap.add_argument("--skip-pkjwt", action="store_true",
+                    help="leave out the exchange with private_key_jwt client authentication")
     args = ap.parse_args()
 
     binary = Path(args.bin).resolve()
@@ -458,20 +631,14 @@ def main() -> int:
         signer = Signer(ctx, args.sign_workers)
         run_tag = f"bench-{os.getpid()}-{int(time.time())}"
 
-        # One exchange through requests, checked in full, before any load.
+        # Checks before any load: one exchange in full, and a replay refused, per scenario.
         http = https_session(ca)
-        form = {"Content-Type": "application/x-www-form-urlencoded"}
-        r = http.post(base + "oauth/token", data=signer.one(f"{run_tag}-check"), headers=form, timeout=10)
-        if r.status_code != 200 or "access_token" not in r.json():
-            raise SystemExit(f"check exchange failed: HTTP {r.status_code}\n{r.text}")
-        log(f"check exchange OK: token_type={r.json().get('token_type')!r} expires_in={r.json().get('expires_in')}")
-
-        # Replay of the same body must be refused (sanity check of single-use jti).
-        body = signer.one(f"{run_tag}-replay")
-        r1 = http.post(base + "oauth/token", data=body, headers=form, timeout=10)
-        r2 = http.post(base + "oauth/token", data=body, headers=form, timeout=10)
-        replay_ok = r1.status_code == 200 and r2.status_code == 400
-        log(f"replay check: first {r1.status_code}, replay {r2.status_code} ({'ok' if replay_ok else 'UNEXPECTED'})")
+        checks_200, replay_ok, replay_status = check_exchange(http, base, signer, run_tag, "secret")
+        srv_checks = token_200s(http, base)  # the server's count of 200s on POST /oauth/token
+        pk_checks_200, pk_replay_ok, pk_replay_status = 0, None, None
+        if not args.skip_pkjwt:
+            pk_checks_200, pk_replay_ok, pk_replay_status = check_exchange(http, base, signer, run_tag, "pkjwt")
+        srv_pk_checks = token_200s(http, base)
 
         t, c, d = args.threads, args.connections, args.duration
 
@@ -489,72 +656,59 @@ def main() -> int:
         bare = run_wrk(base + "healthz", t, c, d, ["get"], "healthz", work, server.proc.pid)
         log(f"healthz: {bare['rps']:.0f} req/s, p50 {bare['p50_us'] / 1000:.2f} ms, p99 {bare['p99_us'] / 1000:.2f} ms")
 
-        # 2. Signing rate and warm-up exchange run to size the batch.
-        probe, probe_s = signer.batch(f"{run_tag}-probe", 2000 * args.sign_workers)
-        sign_rate = len(probe) / probe_s
-        log(f"signing rate: {sign_rate:.0f} bodies/s with {args.sign_workers} processes")
-        sign_budget = SUBJECT_MAX_AGE - SAFETY - d  # seconds we may spend signing the main batch
-        max_bodies = int(sign_rate * sign_budget)
+        # 2. Exchange, client_secret_post: warm-up, sign right before, measured run.
+        ex = measure_exchange(signer, "secret", base, args, run_tag, work, server.proc.pid, connected_at)
 
-        warm_n = max(len(probe), min(max_bodies, int(sign_rate * 3)))
-        extra, _ = signer.batch(f"{run_tag}-warm", warm_n - len(probe))
-        warm_bodies = probe + extra
-        warm_file = work / "bodies-warmup.txt"
-        write_bodies(warm_file, warm_bodies)
-        warm = run_wrk(base + "oauth/token", t, c, args.warmup, ["post", str(warm_file), str(t)], "warmup", work, server.proc.pid)
-        if warm["exhausted"]:
-            # Lower bound only: the batch ran out. Size generously from it.
-            est = warm["bodies_used"] / (warm["duration_us"] / 1e6)
-            log(f"warm-up used all {len(warm_bodies)} bodies; rate is at least {est:.0f}/s")
-            est *= 2
-        else:
-            est = warm["ok_rps"]
-            log(f"warm-up: {warm['rps']:.0f} req/s ({warm['non200']} non-200), p99 {warm['p99_us'] / 1000:.2f} ms")
-        del warm_bodies, probe, extra
-
-        want = int(math.ceil(1.5 * est * d)) + 100 * c
-        n = min(want, max_bodies)
-        capped = n < want
-        if capped:
-            log(f"batch capped at {n} bodies (want {want}): signing must finish {SAFETY + d}s before the 60 s iat limit")
-
-        # 3. The measured exchange run: sign right before, then load.
-        bodies, sign_s = signer.batch(f"{run_tag}-run", n)
-        main_file = work / "bodies-run.txt"
-        write_bodies(main_file, bodies)
-        del bodies
-        log(f"signed {n} bodies in {sign_s:.1f}s; oldest body will be {sign_s + d:.0f}s old at the end of the run")
-        if time.monotonic() - connected_at + d + 5 > 270:
-            log("warning: upstream token may be refreshed during the run (demo tokens live 300 s)")
-        ex = run_wrk(base + "oauth/token", t, c, d, ["post", str(main_file), str(t)], "exchange", work, server.proc.pid)
-        ex["sign_s"] = sign_s
-        ex["bodies"] = n
-
-        # Audit / jti rows, read after the run (the server's own durable record).
-        audit_ok = used_jtis = None
+        # Audit events and used `jti`s (the server's own durable record) against its 200s. The
+        # `jti`s are counted as each scenario ends: the server purges expired ones every minute
+        # (`exp` + 10 s), which could otherwise remove this session's oldest before the end.
+        pk_part = f":{run_tag}-pkjwt-"  # in the `jti` keys of the private_key_jwt load (not its checks)
+        counts = {}
+        srv_a = settled_token_200s(http, base)
         try:
-            import sqlite3
-
-            db = sqlite3.connect(f"file:{data_dir / 'latchkey.db'}?mode=ro", uri=True, timeout=10)
-            audit_ok = db.execute(
-                "SELECT COUNT(*) FROM audit_events WHERE action='token.release' AND decision='allow'"
-            ).fetchone()[0]
-            used_jtis = db.execute("SELECT COUNT(*) FROM used_jtis").fetchone()[0]
-            db.close()
+            counts["a"] = db_counts(data_dir, pk_part)
         except Exception as e:  # noqa: BLE001 - informative only
             log(f"could not read audit counts: {e}")
+
+        # 3. Exchange, private_key_jwt: the same, each body with its own client assertion.
+        pk = srv_b = None
+        if not args.skip_pkjwt:
+            pk = measure_exchange(signer, "pkjwt", base, args, run_tag, work, server.proc.pid, connected_at)
+            srv_b = settled_token_200s(http, base)
+            try:
+                counts["b"] = db_counts(data_dir, pk_part)
+            except Exception as e:  # noqa: BLE001 - informative only
+                log(f"could not read audit counts: {e}")
     finally:
         if signer:
             signer.close()
         server.stop()
 
     ratio = ex["ok_rps"] / bare["rps"] if bare["rps"] else float("nan")
+    pk_ratio = (pk["ok_rps"] / bare["rps"] if bare["rps"] else float("nan")) if pk else None
+    # Every 200 of the session, as the harness saw them (checks, replay checks, warm-ups, runs)...
+    secret_200 = checks_200 + ex["warm"]["ok"] + ex["ok"]
+    pk_200 = (pk_checks_200 + pk["warm"]["ok"] + pk["ok"]) if pk else 0
+    # ...and as the server counted them (it also answers what wrk left in flight when it stopped).
+    srv_secret = srv_pk = None
+    if None not in (srv_checks, srv_pk_checks, srv_a) and (pk is None or srv_b is not None):
+        srv_secret = srv_checks + (srv_a - srv_pk_checks)
+        srv_pk = (srv_pk_checks - srv_checks) + ((srv_b - srv_a) if pk else 0)
+    # What the database recorded: releases at the end; `jti`s as each scenario ended.
+    audit_ok = used_jtis = None
+    if "a" in counts and (pk is None or "b" in counts):
+        last = counts["b"] if pk else counts["a"]
+        audit_ok = last[0]
+        used_jtis = counts["a"][1] + (last[2] - counts["a"][2])
     info = machine_info()
     report = {
         "started": started, "info": info, "threads": t, "conns": c, "duration": d,
-        "bare": bare, "ex": ex, "warm": warm, "ratio": ratio, "sign_rate": sign_rate, "capped": capped,
+        "bare": bare, "ex": ex, "pk": pk, "ratio": ratio, "pk_ratio": pk_ratio,
         "binary": f"{binary} (built {dt.datetime.fromtimestamp(binary.stat().st_mtime, dt.timezone.utc):%Y-%m-%d %H:%M UTC})",
-        "background": background, "loadavg": loadavg, "audit_ok": audit_ok, "used_jtis": used_jtis, "replay_ok": replay_ok, "fs": fs_of(work),
+        "background": background, "loadavg": loadavg, "audit_ok": audit_ok, "used_jtis": used_jtis,
+        "replay_ok": replay_ok, "replay_status": replay_status, "pk_replay_ok": pk_replay_ok,
+        "pk_replay_status": pk_replay_status, "fs": fs_of(work),
+        "secret_200": secret_200, "pk_200": pk_200, "srv_secret": srv_secret, "srv_pk": srv_pk,
     }
     print()
     print(table(report))
@@ -581,32 +735,80 @@ def ms(us: float) -> str:
     return f"{us / 1000:.2f} ms"
 
 
+PK_LABEL = "(exchange, private_key_jwt)"
+
+
+def counts_check(r: dict) -> tuple[str, bool] | None:
+    """The after-run count line (Markdown) and whether it matches every 200 of the session."""
+    if r["audit_ok"] is None:
+        return None
+    seen = r["secret_200"] + r["pk_200"]
+    if r["srv_secret"] is not None:
+        s200, p200, source = r["srv_secret"], r["srv_pk"], "the server's `/metrics` count"
+    else:
+        s200, p200, source = r["secret_200"], r["pk_200"], "as the harness saw them (no `/metrics` count)"
+    want_audit, want_jtis = s200 + p200, s200 + 2 * p200
+    ok = r["audit_ok"] == want_audit and r["used_jtis"] == want_jtis
+    if r["pk"] is not None:
+        split = f"{want_audit} ({s200} client_secret_post + {p200} private_key_jwt)"
+        jtis = (f"{want_jtis} `jti`s ({s200} + 2 × {p200}: a private_key_jwt release consumes two, the client "
+                f"assertion's and the subject's)")
+    else:
+        split, jtis = f"{want_audit}", f"{want_jtis} `jti`s"
+    inflight = want_audit - seen
+    line = (
+        f"After the runs the database holds {r['audit_ok']} `token.release` allow audit events and "
+        f"{r['used_jtis']} used `jti`s (whole session: checks, replay checks, warm-ups and runs; `jti`s counted as "
+        f"each scenario ended, before the server's minute purge of expired ones can touch them). 200s on "
+        f"`POST /oauth/token`, {source}: {split}"
+        + (f" (wrk and the checks saw {seen}; the other {inflight} were in flight when wrk stopped)"
+           if inflight and r["srv_secret"] is not None else "")
+        + f", so {want_audit} releases and {jtis} expected: "
+        + ("**match**" if ok else "**MISMATCH**")
+    )
+    return line, ok
+
+
 def table(r: dict) -> str:
-    b, e = r["bare"], r["ex"]
+    b, e, pk = r["bare"], r["ex"], r["pk"]
+
+    def row(label: str, x: dict, rate: float) -> tuple[str, ...]:
+        return (label, f"{rate:.0f}", ms(x["p50_us"]), ms(x["p99_us"]), str(x["non200"]), str(x["requests"]),
+                f"{x['server_cores']:.2f} cores", f"{x['machine_busy'] * 100:.0f} %")
+
     rows = [
         ("endpoint", "req/s", "p50", "p99", "non-2xx", "requests", "server CPU", "machine busy"),
-        ("GET /healthz", f"{b['rps']:.0f}", ms(b["p50_us"]), ms(b["p99_us"]), str(b["non200"]), str(b["requests"]),
-         f"{b['server_cores']:.2f} cores", f"{b['machine_busy'] * 100:.0f} %"),
-        ("POST /oauth/token", f"{e['ok_rps']:.0f}", ms(e["p50_us"]), ms(e["p99_us"]), str(e["non200"]), str(e["requests"]),
-         f"{e['server_cores']:.2f} cores", f"{e['machine_busy'] * 100:.0f} %"),
+        row("GET /healthz", b, b["rps"]),
+        row("POST /oauth/token", e, e["ok_rps"]),
     ]
+    if pk:
+        rows.append(row(f"POST /oauth/token {PK_LABEL}", pk, pk["ok_rps"]))
     w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w[i]) if i else cell.ljust(w[i]) for i, cell in enumerate(row)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.append("")
     lines.append(f"background CPU before the runs: {r['background'] * 100:.0f} %")
     lines.append(f"ratio exchange/bare: {r['ratio'] * 100:.1f} %")
+    if pk:
+        lines.append(f"ratio exchange (private_key_jwt)/bare: {r['pk_ratio'] * 100:.1f} %")
     lines.append(
         f"targets (not asserted): >= {TARGETS['rps']:,} exchanges/s, p99 <= {TARGETS['p99_ms']:.0f} ms, "
         f">= {TARGETS['ratio'] * 100:.0f} % of bare"
+        + (f"; private_key_jwt >= {TARGETS['pkjwt_rps']:,}/s" if pk else "")
     )
     lines.append(
         f"  measured:              {e['ok_rps']:,.0f} exchanges/s ({_verdict(e['ok_rps'] >= TARGETS['rps'])}), "
         f"p99 {ms(e['p99_us'])} ({_verdict(e['p99_us'] / 1000 <= TARGETS['p99_ms'])}), "
         f"{r['ratio'] * 100:.1f} % ({_verdict(r['ratio'] >= TARGETS['ratio'])})"
+        + (f"; private_key_jwt {pk['ok_rps']:,.0f}/s ({_verdict(pk['ok_rps'] >= TARGETS['pkjwt_rps'])})" if pk else "")
     )
-    if e["exhausted"]:
-        lines.append(f"WARNING: the batch ran out; {e['exhausted']} replayed requests (400) — exchange rate is a lower bound")
+    counts = counts_check(r)
+    if counts:
+        lines.append(counts[0].replace("`", "").replace("**", ""))
+    for label, x in (("exchange", e), ("private_key_jwt exchange", pk)):
+        if x and x["exhausted"]:
+            lines.append(f"WARNING: the {label} batch ran out; {x['exhausted']} replayed requests (refused) — "
+                         f"its rate is a lower bound")
     return "\n".join(lines)
 
 
@@ -615,8 +817,18 @@ def _verdict(ok: bool) -> str:
 
 
 def markdown(r: dict) -> str:
-    b, e, i = r["bare"], r["ex"], r["info"]
+    b, e, pk, i = r["bare"], r["ex"], r["pk"], r["info"]
     when = r["started"].strftime("%Y-%m-%d %H:%M UTC")
+
+    def row(label: str, x: dict, rate: float) -> str:
+        return (f"| {label} | {rate:.0f} | {ms(x['p50_us'])} | {ms(x['p99_us'])} | {ms(x['p999_us'])} | "
+                f"{x['non200']} | {x['requests']} | {x['server_cores']:.2f} cores ({x['server_sys']:.2f} sys) | "
+                f"{x['machine_busy'] * 100:.0f} % |")
+
+    def signed(x: dict) -> str:
+        return (f"one distinct pre-signed body per request ({x['bodies']} signed in {x['sign_s']:.1f} s at "
+                f"{x['sign_rate']:.0f}/s; warm-up {x['warm']['ok_rps']:.0f}/s over its run)")
+
     out = [
         f"## {when} — commit {i['commit']}",
         "",
@@ -627,39 +839,53 @@ def markdown(r: dict) -> str:
         f"- Data dir filesystem: {r['fs']} (SQLite WAL, `synchronous=FULL`)"
         + (" — **tmpfs: fsync is free, NOT durable; diagnostic only**" if r["fs"].startswith("tmpfs") else ""),
         f"- Load: `{i['wrk']}`, `-t{r['threads']} -c{r['conns']} -d{r['duration']}s --latency`, HTTPS keep-alive to 127.0.0.1",
-        f"- Exchange: RS256 subject JWT, `client_secret_post`, cached upstream token (`demo-git`), "
-        f"one distinct pre-signed body per request ({e['bodies']} signed in {e['sign_s']:.1f} s at "
-        f"{r['sign_rate']:.0f}/s; warm-up {r['warm']['ok_rps']:.0f}/s over its run)",
+        f"- Exchange: RS256 subject JWT, `client_secret_post`, cached upstream token (`demo-git`), {signed(e)}",
+    ]
+    if pk:
+        out.append(
+            f"- Exchange (private_key_jwt): the same, but the agent authenticates with an RS256 client assertion "
+            f"signed by the same key (two signature verifications per request), {signed(pk)}"
+        )
+    out += [
         "",
         "| endpoint | requests/s | p50 | p99 | p99.9 | non-2xx | requests | server CPU | machine busy |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| `GET /healthz` | {b['rps']:.0f} | {ms(b['p50_us'])} | {ms(b['p99_us'])} | {ms(b['p999_us'])} | "
-        f"{b['non200']} | {b['requests']} | {b['server_cores']:.2f} cores ({b['server_sys']:.2f} sys) | {b['machine_busy'] * 100:.0f} % |",
-        f"| `POST /oauth/token` (exchange) | {e['ok_rps']:.0f} | {ms(e['p50_us'])} | {ms(e['p99_us'])} | "
-        f"{ms(e['p999_us'])} | {e['non200']} | {e['requests']} | {e['server_cores']:.2f} cores ({e['server_sys']:.2f} sys) | "
-        f"{e['machine_busy'] * 100:.0f} % |",
+        row("`GET /healthz`", b, b["rps"]),
+        row("`POST /oauth/token` (exchange)", e, e["ok_rps"]),
+    ]
+    if pk:
+        out.append(row(f"`POST /oauth/token` {PK_LABEL}", pk, pk["ok_rps"]))
+    out += [
         "",
-        f"- Ratio exchange/bare: **{r['ratio'] * 100:.1f} %**",
+        f"- Ratio exchange/bare: **{r['ratio'] * 100:.1f} %**"
+        + (f"; exchange (private_key_jwt)/bare: **{r['pk_ratio'] * 100:.1f} %**" if pk else ""),
         f"- Targets (not asserted): ≥ {TARGETS['rps']:,} exchanges/s → {e['ok_rps']:,.0f} "
         f"({_verdict(e['ok_rps'] >= TARGETS['rps'])}); p99 ≤ {TARGETS['p99_ms']:.0f} ms → {ms(e['p99_us'])} "
         f"({_verdict(e['p99_us'] / 1000 <= TARGETS['p99_ms'])}); ≥ {TARGETS['ratio'] * 100:.0f} % of bare → "
-        f"{r['ratio'] * 100:.1f} % ({_verdict(r['ratio'] >= TARGETS['ratio'])})",
+        f"{r['ratio'] * 100:.1f} % ({_verdict(r['ratio'] >= TARGETS['ratio'])})"
+        + (f"; private_key_jwt ≥ {TARGETS['pkjwt_rps']:,}/s → {pk['ok_rps']:,.0f} "
+           f"({_verdict(pk['ok_rps'] >= TARGETS['pkjwt_rps'])})" if pk else ""),
         "- Server CPU = CPU seconds the `latchkey` process used per wall second of the run (2.00 = both "
         "cores); machine busy = all processes incl. wrk, iowait counted as idle",
         f"- Socket errors: healthz connect/read/write/timeout "
         f"{b['err_connect']}/{b['err_read']}/{b['err_write']}/{b['err_timeout']}, exchange "
-        f"{e['err_connect']}/{e['err_read']}/{e['err_write']}/{e['err_timeout']}",
+        f"{e['err_connect']}/{e['err_read']}/{e['err_write']}/{e['err_timeout']}"
+        + (f", private_key_jwt {pk['err_connect']}/{pk['err_read']}/{pk['err_write']}/{pk['err_timeout']}" if pk else ""),
     ]
-    if r["audit_ok"] is not None:
-        out.append(
-            f"- After the run the database holds {r['audit_ok']} `token.release` allow audit events and "
-            f"{r['used_jtis']} used `jti`s (whole session: check, replay check, warm-up and run)"
-        )
-    out.append(f"- Single-use check before load: replayed body refused: {'yes' if r['replay_ok'] else 'NO'}")
-    if e["exhausted"]:
-        out.append(f"- **The batch ran out** ({e['exhausted']} replays answered 400): the exchange rate is a lower bound")
-    if r["capped"]:
-        out.append("- The batch was capped by signing time (60 s `iat` limit)")
+    counts = counts_check(r)
+    if counts:
+        out.append(f"- {counts[0]}")
+    out.append(
+        f"- Single-use check before load: replayed body refused: {'yes' if r['replay_ok'] else 'NO'} "
+        f"({r['replay_status']})"
+        + (f"; private_key_jwt: {'yes' if r['pk_replay_ok'] else 'NO'} ({r['pk_replay_status']})" if pk else "")
+    )
+    for label, x in (("", e), (" private_key_jwt", pk)):
+        if x and x["exhausted"]:
+            out.append(f"- **The{label} batch ran out** ({x['exhausted']} replays refused): its exchange rate "
+                       f"is a lower bound")
+        if x and x["capped"]:
+            out.append(f"- The{label} batch was capped by signing time (60 s `iat` limit)")
     out.append("")
     return "\n".join(out)
 

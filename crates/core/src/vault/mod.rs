@@ -4,13 +4,16 @@
 //! client authentication → subject token → connection → grant (deny by default) → scopes
 //! (requested ⊆ grant ⊆ consent) → user → connected account → a fresh upstream access token
 //! (single-flight refresh) → one transaction that consumes the `jti`s, re-checks the account
-//! and writes the audit record. Only after that commits does a token leave.
+//! and writes the audit record. Only after that commits does a token leave. Agents, keys,
+//! connections and grants are read through an in-memory cache that the release transaction
+//! checks against the database's configuration revision (`hot`).
 //!
 //! The parts: `exchange` (the token endpoint), `tokens` (upstream tokens: cache, narrowing,
 //! single-flight refresh), `connect` (authorization code + PKCE towards a provider), `admin`
 //! (the registry), `users` (accounts, passwords, TOTP, sign-in and sessions), `ciba` (CIBA:
 //! `/bc-authorize`, its grant, the approval record), `approvals` (the exchange's approval gate,
-//! the user's and operators' decisions, step-up, expiry). This file holds the service itself
+//! the user's and operators' decisions, step-up, expiry), `hot` (the exchange's configuration
+//! cache). This file holds the service itself
 //! and what they share.
 
 use std::net::IpAddr;

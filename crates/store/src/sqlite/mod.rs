@@ -1362,12 +1362,27 @@ impl Store for SqliteStore {
     }
 
     async fn purge_expired_jtis(&self, now: i64) -> StoreResult<u64> {
-        let n = sqlx::query("DELETE FROM used_jtis WHERE expires_at < ?")
+        // In small transactions: one large delete held the write lock long enough to stall
+        // every token release behind it (over a second at a few thousand releases a second).
+        const CHUNK: i64 = 500;
+        let mut n = 0;
+        loop {
+            let deleted = sqlx::query(
+                "DELETE FROM used_jtis WHERE key IN \
+                 (SELECT key FROM used_jtis WHERE expires_at < ? LIMIT ?)",
+            )
             .bind(now)
+            .bind(CHUNK)
             .execute(&self.pool)
             .await
             .map_err(unavailable)?
             .rows_affected();
+            n += deleted;
+            if deleted < CHUNK as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         sqlx::query("DELETE FROM sessions WHERE expires_at < ?")
             .bind(now)
             .execute(&self.pool)

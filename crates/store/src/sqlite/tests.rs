@@ -980,3 +980,34 @@ async fn a_release_decided_at_a_stale_revision_writes_nothing() {
     assert_eq!(a.last_used_at, Some(1));
     assert_eq!(s.config_revision().await.unwrap(), current);
 }
+
+#[tokio::test]
+async fn expired_jtis_are_purged_in_several_transactions_and_live_ones_stay() {
+    let (_d, s) = store().await;
+    let mut tx = s.pool().begin().await.unwrap();
+    for i in 0..1_234 {
+        sqlx::query("INSERT INTO used_jtis (key, expires_at) VALUES (?, ?)")
+            .bind(format!("old:{i}"))
+            .bind(10 + i % 7)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    for i in 0..5 {
+        sqlx::query("INSERT INTO used_jtis (key, expires_at) VALUES (?, 100)")
+            .bind(format!("live:{i}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(s.purge_expired_jtis(50).await.unwrap(), 1_234);
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM used_jtis ORDER BY key")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        (0..5).map(|i| format!("live:{i}")).collect::<Vec<_>>()
+    );
+}
