@@ -165,8 +165,9 @@ async fn no_release_after_a_revocation_commits() {
             }
         }
     }
+    // The 40 releases waited for include the one made before the workers started.
     assert!(
-        before >= 40,
+        before >= 39,
         "{before} exchanges succeeded before the revocation"
     );
     assert!(after > 0, "no exchange ran after the revocation");
