@@ -51,6 +51,12 @@ pub(super) struct ReleaseJob {
     pub reply: oneshot::Sender<Result<(), ReleaseError>>,
 }
 
+/// How often the checkpointer copies the WAL back (passively: it never blocks anyone).
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A commit taking this long is logged (its releases' callers all waited for it).
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How long the writer waits for more releases when the batch is small under load…
 const LINGER: std::time::Duration = std::time::Duration::from_micros(200);
 /// …and how small is small.
@@ -74,11 +80,34 @@ pub(super) fn spawn_writer(
     key: Arc<RwLock<Option<Arc<AuditKey>>>>,
     webhook: Arc<AtomicBool>,
 ) -> Result<(), StoreError> {
-    let conn = super::reads::open(path, false)
-        .map_err(|e| StoreError::Unavailable(format!("open {}: {e}", path.display())))?;
+    let opened = |p: &Path| {
+        super::reads::open(p, false)
+            .map_err(|e| StoreError::Unavailable(format!("open {}: {e}", p.display())))
+    };
+    let conn = opened(path)?;
+    // The WAL is copied back into the database file by a thread of its own, often, so the
+    // writer's own automatic checkpoint (every 1,000 pages, inside a commit) finds little left
+    // to copy: copying a whole megabytes-long WAL and syncing the file stalled every release
+    // for 100–200 ms. The writer's checkpoint still runs, and still restarts the WAL.
+    let (alive, writer_gone) = std::sync::mpsc::channel::<()>();
+    let checkpointer = opened(path)?;
+    std::thread::Builder::new()
+        .name("latchkey-checkpoint".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                writer_gone.recv_timeout(CHECKPOINT_EVERY)
+            {
+                if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+                    tracing::warn!(error = %e, "WAL checkpoint failed");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Unavailable(format!("start the checkpointer: {e}")))?;
     std::thread::Builder::new()
         .name("latchkey-release".into())
         .spawn(move || {
+            // Dropped with this thread: the checkpointer then stops too.
+            let _alive = alive;
             let mut last_batch = 0;
             while let Ok(first) = jobs.recv() {
                 let mut batch = vec![first];
@@ -96,8 +125,18 @@ pub(super) fn spawn_writer(
                     key: key.read().expect("audit key lock").clone(),
                     webhook: webhook.load(Ordering::Relaxed),
                 };
+                let started = std::time::Instant::now();
                 let outcomes = write_batch(&conn, &sink, &batch);
+                let took = started.elapsed();
                 metrics::histogram!("latchkey_release_batch_size").record(batch.len() as f64);
+                metrics::histogram!("latchkey_release_commit_seconds").record(took.as_secs_f64());
+                if took >= SLOW_COMMIT {
+                    tracing::warn!(
+                        releases = batch.len(),
+                        ms = took.as_millis() as u64,
+                        "a release commit was slow; every release in it waited"
+                    );
+                }
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = job.reply.send(outcome);
                 }
