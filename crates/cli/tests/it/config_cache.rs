@@ -38,18 +38,6 @@ fn signed_by(ts: &TestServer, key: &SigningKey) -> Vec<(String, String)> {
     ts.params_with(subject, assertion)
 }
 
-fn grant(ts: &TestServer, scopes: &str) {
-    ts.cli_ok(&[
-        "agent",
-        "grant",
-        &ts.info.agent_id,
-        "--connection",
-        "demo-git",
-        "--scopes",
-        scopes,
-    ]);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configuration_changes_elsewhere_apply_to_the_next_exchange() {
     let ts = TestServer::start().await;
@@ -66,11 +54,11 @@ async fn configuration_changes_elsewhere_apply_to_the_next_exchange() {
     ts.post_form(&ts.exchange_params()).await.token();
 
     // A grant narrowed, then widened: a refusal decided from memory is checked again.
-    grant(&ts, "repo:read");
+    ts.grant("repo:read", &[]);
     ts.post_form(&exchange(&ts, "read:user"))
         .await
         .assert_error(400, "invalid_scope");
-    grant(&ts, "read:user repo:read");
+    ts.grant("read:user repo:read", &[]);
     ts.post_form(&exchange(&ts, "read:user")).await.token();
 
     // The agent's key replaced in the database: the old key stops working at once, the new

@@ -431,6 +431,22 @@ impl TestServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `latchkey agent grant` for the demo agent on `demo-git`, with more flags (the grant
+    /// replaces an earlier one whole).
+    pub fn grant(&self, scopes: &str, flags: &[&str]) {
+        let mut args = vec![
+            "agent",
+            "grant",
+            &self.info.agent_id,
+            "--connection",
+            "demo-git",
+            "--scopes",
+            scopes,
+        ];
+        args.extend_from_slice(flags);
+        self.cli_ok(&args);
+    }
+
     /// Call the demo provider's API with an upstream token.
     pub async fn demo_api(&self, token: &str, path: &str) -> (StatusCode, Value) {
         let resp = self

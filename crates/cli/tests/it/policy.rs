@@ -14,21 +14,6 @@ use serde_json::{Value, json};
 
 use crate::harness::*;
 
-/// `agent grant` for the demo agent on `demo-git`, with more flags.
-fn grant(ts: &TestServer, scopes: &str, flags: &[&str]) {
-    let mut args = vec![
-        "agent",
-        "grant",
-        &ts.info.agent_id,
-        "--connection",
-        "demo-git",
-        "--scopes",
-        scopes,
-    ];
-    args.extend_from_slice(flags);
-    ts.cli_ok(&args);
-}
-
 /// The demo agent's exchange, narrowed to `scope` when given.
 fn exchange(ts: &TestServer, scope: Option<&str>) -> Vec<(String, String)> {
     let mut p = ts.exchange_params();
@@ -169,7 +154,7 @@ async fn deny_by_default_and_scopes_outside_the_grant() {
     .await;
 
     // Scopes outside the grant (the user consented to all of them).
-    grant(&ts, "repo:read", &[]);
+    ts.grant("repo:read", &[]);
     for scope in ["repo:write", "read:user", "repo:read repo:write", "admin"] {
         refused(
             &ts,
@@ -200,7 +185,7 @@ async fn deny_by_default_and_scopes_outside_the_grant() {
         "cannot be read",
     )
     .await;
-    grant(&ts, "repo:read", &[]);
+    ts.grant("repo:read", &[]);
     ts.post_form(&exchange(&ts, None)).await.token();
 }
 
@@ -210,8 +195,7 @@ async fn each_risk_level_behaves_as_specified() {
     ts.connect_demo_account().await;
     // The demo catalog: read:user, repo:read, issues:write low; repo:write high. The grant
     // raises issues:write to medium and repo:read to critical.
-    grant(
-        &ts,
+    ts.grant(
         "read:user repo:read repo:write issues:write",
         &[
             "--risk",
@@ -234,13 +218,13 @@ async fn each_risk_level_behaves_as_specified() {
     needs_approval(&ts, None, "critical").await;
 
     // The operator lowers repo:write to low: released without an approval.
-    grant(&ts, "read:user repo:write", &["--risk", "repo:write=low"]);
+    ts.grant("read:user repo:write", &["--risk", "repo:write=low"]);
     assert_eq!(
         ts.post_form(&exchange(&ts, Some("repo:write"))).await.body["scope"],
         "repo:write"
     );
     // And back to the catalog's level when the grant is replaced without the flag.
-    grant(&ts, "read:user repo:write", &[]);
+    ts.grant("read:user repo:write", &[]);
     needs_approval(&ts, Some("repo:write"), "high").await;
 }
 
@@ -259,11 +243,7 @@ async fn allowed_hours_follow_the_clock_and_the_zone() {
     let weekday = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
         [day.weekday().to_monday_zero_offset() as usize];
     let window = format!("{weekday} 10:00-12:00 Europe/Berlin");
-    grant(
-        &ts,
-        "read:user repo:read issues:write",
-        &["--hours", &window],
-    );
+    ts.grant("read:user repo:read issues:write", &["--hours", &window]);
     let at = |h: i8, m: i8| {
         day.at(h, m, 0, 0)
             .to_zoned(berlin.clone())
@@ -310,8 +290,7 @@ async fn allowed_hours_follow_the_clock_and_the_zone() {
     refused(&ts, &ts.exchange_params(), 403, "access_denied", &window).await;
     // A second window makes the grant usable again.
     let later = format!("{weekday} 12:00-13:00 Europe/Berlin");
-    grant(
-        &ts,
+    ts.grant(
         "read:user repo:read issues:write",
         &["--hours", &window, "--hours", &later],
     );
@@ -322,11 +301,7 @@ async fn allowed_hours_follow_the_clock_and_the_zone() {
 async fn ip_allow_list_and_lifetime_cap() {
     let ts = TestServer::start().await;
     ts.connect_demo_account().await;
-    grant(
-        &ts,
-        "read:user",
-        &["--ip", "10.0.0.0/8", "--ip", "192.168.0.1"],
-    );
+    ts.grant("read:user", &["--ip", "10.0.0.0/8", "--ip", "192.168.0.1"]);
     refused(
         &ts,
         &ts.exchange_params(),
@@ -335,26 +310,18 @@ async fn ip_allow_list_and_lifetime_cap() {
         "address the grant does not allow",
     )
     .await;
-    grant(
-        &ts,
-        "read:user",
-        &["--ip", "10.0.0.0/8", "--ip", "127.0.0.0/8"],
-    );
+    ts.grant("read:user", &["--ip", "10.0.0.0/8", "--ip", "127.0.0.0/8"]);
     let uncapped = ts.post_form(&ts.exchange_params()).await;
     let full = uncapped.body["expires_in"].as_i64().unwrap();
     assert!(full > 120, "the demo's tokens live five minutes: {full}");
 
     // The cap shortens what is reported; the upstream token is the same (it cannot be
     // shortened), so the agent's SDK drops it sooner and asks again.
-    grant(
-        &ts,
-        "read:user",
-        &["--ip", "127.0.0.1", "--max-lifetime", "60"],
-    );
+    ts.grant("read:user", &["--ip", "127.0.0.1", "--max-lifetime", "60"]);
     let capped = ts.post_form(&ts.exchange_params()).await;
     assert_eq!(capped.body["expires_in"], 60);
     assert_eq!(capped.token(), uncapped.token());
-    grant(&ts, "read:user", &["--max-lifetime", "86400"]);
+    ts.grant("read:user", &["--max-lifetime", "86400"]);
     let a = ts.post_form(&ts.exchange_params()).await;
     assert!(
         a.body["expires_in"].as_i64().unwrap() <= full,
@@ -412,11 +379,7 @@ async fn quotas_hold_at_ten_times_the_limit() {
     let ts = Arc::new(TestServer::start().await);
     ts.connect_demo_account().await;
     const LIMIT: usize = 20;
-    grant(
-        &ts,
-        "read:user repo:read",
-        &["--per-minute", &LIMIT.to_string()],
-    );
+    ts.grant("read:user repo:read", &["--per-minute", &LIMIT.to_string()]);
 
     align(&ts, 60, 1);
     let minute = ts.now().div_euclid(60);
@@ -462,7 +425,7 @@ async fn quotas_hold_at_ten_times_the_limit() {
     ts.post_form(&ts.exchange_params()).await.token();
 
     // Per day (UTC days): three, then 429 until midnight UTC, even a minute later.
-    grant(&ts, "read:user repo:read", &["--per-day", "3"]);
+    ts.grant("read:user repo:read", &["--per-day", "3"]);
     align(&ts, 86_400, 3600);
     for _ in 0..3 {
         ts.post_form(&ts.exchange_params()).await.token();
@@ -500,7 +463,7 @@ async fn a_user_quota_counts_across_agents() {
     let b = other_agent(&ts, "agent-b").await;
     let c = other_agent(&ts, "agent-c").await;
     // A's and B's grants count the user's exchanges; C's has no per-user quota.
-    grant(&ts, "read:user", &["--user-per-minute", "4"]);
+    ts.grant("read:user", &["--user-per-minute", "4"]);
     ts.cli_ok(&[
         "agent",
         "grant",

@@ -34,6 +34,11 @@ impl Vault {
         else {
             return Ok(None);
         };
+        self.write_checkpoint(seq, mac).await.map(Some)
+    }
+
+    /// Sign a checkpoint of entry `seq` (whose MAC is `mac`) and store it.
+    async fn write_checkpoint(&self, seq: i64, mac: String) -> Result<AuditCheckpoint, OAuthError> {
         let at = self.now();
         let cp = AuditCheckpoint {
             signature: self.checkpoints.sign(seq, &mac, at),
@@ -46,7 +51,7 @@ impl Vault {
             .insert_audit_checkpoint(&cp)
             .await
             .map_err(store_err)?;
-        Ok(Some(cp))
+        Ok(cp)
     }
 
     /// A checkpoint when the last one is older than `every` seconds and entries came since.
@@ -98,18 +103,7 @@ impl Vault {
         if seq != through {
             return Ok(0);
         }
-        let at = self.now();
-        let cp = AuditCheckpoint {
-            signature: self.checkpoints.sign(seq, &mac, at),
-            public_key: self.audit_public_key(),
-            seq,
-            mac,
-            at,
-        };
-        self.store
-            .insert_audit_checkpoint(&cp)
-            .await
-            .map_err(store_err)?;
+        self.write_checkpoint(seq, mac).await?;
         let audit = AuditRecord {
             reason: Some(format!("{PRUNED_THROUGH}{through}")),
             ..self.audit(

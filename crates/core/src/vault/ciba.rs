@@ -324,22 +324,14 @@ impl Vault {
         basic: Option<BasicCredentials>,
         ctx: &RequestContext,
     ) -> Result<BackchannelResponse, OAuthError> {
-        let client = match self.authenticate_client(params, basic.as_ref()).await {
-            Ok(c) if c.method != "none" => c,
-            Ok(_) => {
-                let e = OAuthError::invalid_client(
-                    "public clients cannot start backchannel requests; authenticate the client",
-                );
-                self.audit_refusal(
-                    &e,
-                    Attempt::failed_authentication(),
-                    params,
-                    basic.as_ref(),
-                    ctx,
-                )
-                .await;
-                return Err(e);
-            }
+        let authenticated = match self.authenticate_client(params, basic.as_ref()).await {
+            Ok(c) if c.method == "none" => Err(OAuthError::invalid_client(
+                "public clients cannot start backchannel requests; authenticate the client",
+            )),
+            other => other,
+        };
+        let client = match authenticated {
+            Ok(c) => c,
             Err(e) => {
                 self.audit_refusal(
                     &e,
@@ -704,17 +696,7 @@ impl Vault {
                     "connection `{connection_name}` no longer exists"
                 ))
             })?;
-        let grant = self
-            .store
-            .grant_for(&agent.id, &connection.id)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| {
-                OAuthError::unauthorized_client(format!(
-                    "agent {} has no grant for connection {connection_name}",
-                    agent.id
-                ))
-            })?;
+        let grant = self.grant_of(None, agent, &connection).await?;
         if !a.scopes.is_subset(&grant.scopes) {
             return Err(OAuthError::invalid_scope(
                 "the approved scopes are no longer within the agent's grant",

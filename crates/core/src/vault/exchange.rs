@@ -574,22 +574,7 @@ impl Vault {
                 ))
             })?;
         attempt.connection = Some(connection.name.clone());
-        let grant = self
-            .hot
-            .through(
-                at,
-                |g| &mut g.grants,
-                (agent.id.clone(), connection.id.clone()),
-                self.store.grant_for(&agent.id, &connection.id),
-            )
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| {
-                OAuthError::unauthorized_client(format!(
-                    "agent {} has no grant for connection {connection_name}",
-                    agent.id
-                ))
-            })?;
+        let grant = self.grant_of(at, agent, &connection).await?;
         if !grant.ip_allowlist.is_empty()
             && !ctx
                 .client_ip
@@ -822,6 +807,31 @@ impl Vault {
                 Err(OAuthError::storage_unavailable())
             }
         }
+    }
+
+    /// The agent's grant for the connection (deny by default), through the configuration
+    /// cache when the request is decided at a revision (`at`).
+    pub(super) async fn grant_of(
+        &self,
+        at: Option<i64>,
+        agent: &Agent,
+        connection: &Connection,
+    ) -> Result<Grant, OAuthError> {
+        self.hot
+            .through(
+                at,
+                |g| &mut g.grants,
+                (agent.id.clone(), connection.id.clone()),
+                self.store.grant_for(&agent.id, &connection.id),
+            )
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                OAuthError::unauthorized_client(format!(
+                    "agent {} has no grant for connection {}",
+                    agent.id, connection.name
+                ))
+            })
     }
 
     /// Whether the configuration has moved past `at` (then the cache forgets what it held).

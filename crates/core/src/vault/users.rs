@@ -203,6 +203,18 @@ impl Vault {
         }
     }
 
+    /// [`Self::totp_code_ok`] for an enrolled user, at sign-in or step-up: a failure to check
+    /// is logged and answered as an internal error.
+    async fn enrolled_totp_code_ok(&self, user: &User, code: &str) -> Result<bool, OAuthError> {
+        let sealed = user.totp_seed.clone().unwrap_or_default();
+        self.totp_code_ok(&user.id, &sealed, code)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "TOTP check failed");
+                OAuthError::server_error()
+            })
+    }
+
     // --- sign-in ------------------------------------------------------------------------------
 
     fn throttle_keys(username: &str, ip: Option<IpAddr>) -> Vec<(String, u32)> {
@@ -342,14 +354,7 @@ impl Vault {
             .await?;
             return Ok(SignIn::Throttled(wait));
         }
-        let sealed = user.totp_seed.clone().unwrap_or_default();
-        let ok = self
-            .totp_code_ok(&user.id, &sealed, code)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "TOTP check failed");
-                OAuthError::server_error()
-            })?;
+        let ok = self.enrolled_totp_code_ok(&user, code).await?;
         if !ok {
             self.record_sign_in(
                 &user.username,
@@ -394,14 +399,7 @@ impl Vault {
         if let Some(wait) = self.throttled(&keys) {
             return Ok(StepUp::Throttled(wait));
         }
-        let sealed = user.totp_seed.clone().unwrap_or_default();
-        let ok = self
-            .totp_code_ok(&user.id, &sealed, code)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "TOTP check failed");
-                OAuthError::server_error()
-            })?;
+        let ok = self.enrolled_totp_code_ok(user, code).await?;
         if ok {
             return Ok(StepUp::Verified);
         }

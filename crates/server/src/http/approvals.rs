@@ -10,13 +10,12 @@ use axum::body::Body;
 use axum::extract::{Extension, Form, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use latchkey_core::OAuthError;
 use latchkey_core::model::{Approval, ApprovalStatus, Session};
 use latchkey_core::vault::{ApprovalDecision, DecideError, Decider};
 use serde::Deserialize;
 
 use super::errors::{json_response, oauth_error};
-use super::oauth::{MAX_BODY, basic_credentials, parse_body};
+use super::oauth::client_request;
 use super::web::{CSRF, SESSION, context, cookie, csrf_ok, esc, login_to, page, set_cookie};
 use super::{AppState, RequestMeta};
 
@@ -29,14 +28,7 @@ pub async fn bc_authorize(
     body: Body,
 ) -> Response {
     let result = async {
-        let bytes = axum::body::to_bytes(body, MAX_BODY)
-            .await
-            .map_err(|_| OAuthError {
-                status: 413,
-                ..OAuthError::invalid_request(format!("request body exceeds {MAX_BODY} bytes"))
-            })?;
-        let params = parse_body(&headers, &bytes)?;
-        let basic = basic_credentials(&headers)?;
+        let (params, basic) = client_request(&headers, body).await?;
         state
             .vault
             .bc_authorize(&params, basic, &context(&meta))

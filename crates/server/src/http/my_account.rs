@@ -7,7 +7,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use latchkey_core::params::Params;
-use latchkey_core::vault::{Problem, RequestContext};
+use latchkey_core::vault::Problem;
 use serde_json::Value;
 
 use super::errors::json_response;
@@ -169,11 +169,9 @@ pub async fn delete(
             .vault
             .my_account_token(bearer(&headers).as_deref(), DELETE)
             .await?;
-        let ctx = RequestContext {
-            request_id: Some(meta.request_id.clone()),
-            client_ip: meta.client_ip,
-        };
-        s.vault.my_account_delete(&token, &id, &ctx).await
+        s.vault
+            .my_account_delete(&token, &id, &super::web::context(&meta))
+            .await
     }
     .await;
     match result {

@@ -11,15 +11,31 @@ use axum::response::Response;
 use base64::Engine;
 use latchkey_core::OAuthError;
 use latchkey_core::params::Params;
-use latchkey_core::vault::{BasicCredentials, RequestContext};
+use latchkey_core::vault::BasicCredentials;
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 
 use super::errors::{json_response, oauth_error};
+use super::web::context;
 use super::{AppState, RequestMeta};
 
 /// Largest token request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// A client's request to an OAuth endpoint: its body (at most [`MAX_BODY`], else 413) as
+/// parameters, and its HTTP Basic credentials if any.
+pub(super) async fn client_request(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Params, Option<BasicCredentials>), OAuthError> {
+    let bytes = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| OAuthError {
+            status: 413,
+            ..OAuthError::invalid_request(format!("request body exceeds {MAX_BODY} bytes"))
+        })?;
+    Ok((parse_body(headers, &bytes)?, basic_credentials(headers)?))
+}
 
 pub async fn token(
     State(state): State<AppState>,
@@ -29,19 +45,8 @@ pub async fn token(
 ) -> Response {
     let started = Instant::now();
     let result = async {
-        let bytes = axum::body::to_bytes(body, MAX_BODY)
-            .await
-            .map_err(|_| OAuthError {
-                status: 413,
-                ..OAuthError::invalid_request(format!("request body exceeds {MAX_BODY} bytes"))
-            })?;
-        let params = parse_body(&headers, &bytes)?;
-        let basic = basic_credentials(&headers)?;
-        let ctx = RequestContext {
-            request_id: Some(meta.request_id.clone()),
-            client_ip: meta.client_ip,
-        };
-        state.vault.token(&params, basic, &ctx).await
+        let (params, basic) = client_request(&headers, body).await?;
+        state.vault.token(&params, basic, &context(&meta)).await
     }
     .await;
     metrics::histogram!("latchkey_exchange_duration_seconds")
@@ -85,11 +90,7 @@ pub async fn revoke(
         })?;
         let params = parse_body(&headers, &bytes)?;
         let basic = basic_credentials(&headers)?;
-        let ctx = RequestContext {
-            request_id: Some(meta.request_id.clone()),
-            client_ip: meta.client_ip,
-        };
-        state.vault.revoke(&params, basic, &ctx).await
+        state.vault.revoke(&params, basic, &context(&meta)).await
     }
     .await;
     match result {
