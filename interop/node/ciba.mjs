@@ -30,11 +30,7 @@
 import { createInterface } from "node:readline";
 import { createRequire } from "node:module";
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set`);
-  return v;
-};
+import { env } from "./common.mjs";
 
 // CommonJS builds: @auth0/ai-vercel's ESM build has extension-less relative imports.
 const require = createRequire(import.meta.url);

@@ -23,46 +23,9 @@
 
 import { createRequire } from "node:module";
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set`);
-  return v;
-};
+import { env, spyOnFetch } from "./common.mjs";
 
-const sent = [];
-const realFetch = globalThis.fetch;
-globalThis.fetch = async (input, init = {}) => {
-  const url = new URL(typeof input === "string" || input instanceof URL ? input : input.url);
-  const headers = new Headers(init.headers ?? (input instanceof Request ? input.headers : undefined));
-  const entry = { method: init.method ?? "GET", path: url.pathname, contentType: headers.get("content-type") };
-  if (headers.has("authorization")) entry.authorization = headers.get("authorization").split(" ")[0];
-  if (init.body !== undefined && init.body !== null) {
-    const text = String(init.body);
-    let params;
-    try {
-      params = entry.contentType?.startsWith("application/json")
-        ? JSON.parse(text)
-        : Object.fromEntries(new URLSearchParams(text));
-    } catch {
-      params = {};
-    }
-    const secret = new Set(["client_secret", "client_assertion"]);
-    entry.params = Object.fromEntries(
-      Object.entries(params).map(([k, v]) => [k, secret.has(k) ? "<secret>" : v]),
-    );
-  }
-  sent.push(entry);
-  const response = await realFetch(input, init);
-  entry.status = response.status;
-  if (!response.ok) {
-    try {
-      entry.error = (await response.clone().json()).error;
-    } catch {
-      // not JSON: the status says enough
-    }
-  }
-  return response;
-};
+const sent = spyOnFetch({ secrets: ["client_secret", "client_assertion"], answers: true });
 
 const require = createRequire(import.meta.url);
 

@@ -9,11 +9,7 @@
 import { createSign, randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set`);
-  return v;
-};
+import { env } from "./common.mjs";
 const issuer = env("LK_ISSUER");
 const b64url = (data) => Buffer.from(data).toString("base64url");
 

@@ -26,39 +26,11 @@
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set`);
-  return v;
-};
+import { env, spyOnFetch } from "./common.mjs";
 const optional = (name) => process.env[name] || undefined;
 
 // A passive spy on fetch: it records what the SDKs send and forwards every call untouched.
-const sent = [];
-const realFetch = globalThis.fetch;
-globalThis.fetch = async (input, init = {}) => {
-  const url = new URL(typeof input === "string" || input instanceof URL ? input : input.url);
-  const headers = new Headers(init.headers ?? (input instanceof Request ? input.headers : undefined));
-  const entry = { method: init.method ?? "GET", path: url.pathname, contentType: headers.get("content-type") };
-  if (headers.has("authorization")) entry.authorization = headers.get("authorization").split(" ")[0];
-  if (init.body !== undefined && init.body !== null) {
-    const text = String(init.body);
-    let params;
-    try {
-      params = entry.contentType?.startsWith("application/json")
-        ? JSON.parse(text)
-        : Object.fromEntries(new URLSearchParams(text));
-    } catch {
-      params = {};
-    }
-    const secret = new Set(["client_secret", "client_assertion", "subject_token"]);
-    entry.params = Object.fromEntries(
-      Object.entries(params).map(([k, v]) => [k, secret.has(k) ? "<secret>" : v]),
-    );
-  }
-  sent.push(entry);
-  return realFetch(input, init);
-};
+const sent = spyOnFetch({ secrets: ["client_secret", "client_assertion", "subject_token"] });
 
 const print = (result) => console.log(JSON.stringify({ ...result, sent }));
 

@@ -17,11 +17,7 @@ import { createServer } from "node:http";
 
 import Provider from "oidc-provider";
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set`);
-  return v;
-};
+import { env } from "./common.mjs";
 
 const ACCOUNTS = {
   alice: { sub: "acc-alice", password: "alice-password", name: "Alice Liddell" },
