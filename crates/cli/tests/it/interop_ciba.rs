@@ -583,6 +583,18 @@ fn sent_to<'a>(answer: &'a Value, path: &str) -> Vec<&'a Value> {
 
 /// Wait (bounded) until the SDK's CIBA request exists and it has polled it at least once — it is
 /// really waiting — and return it.
+/// Wait for the client's first poll, check the request is the client's, for the user, with
+/// `message`; approve it from the CLI.
+async fn approve_once_polled(ts: &TestServer, client: &str, user: &str, message: &str) {
+    let approval = polled_approval(ts).await;
+    assert_eq!(
+        (approval.client_id.as_str(), approval.user_id.as_str()),
+        (client, user)
+    );
+    assert_eq!(approval.binding_message.as_deref(), Some(message));
+    ts.cli_ok(&["approvals", "approve", &approval.id]);
+}
+
 async fn polled_approval(ts: &TestServer) -> latchkey_core::model::Approval {
     for _ in 0..300 {
         let newest = ts
@@ -806,14 +818,8 @@ async fn auth0_auth_js_backchannel_authentication() {
         &user,
         &[("LK_BINDING_MESSAGE", "AuthJS 43")],
     );
-    let approval = polled_approval(&ts).await;
     // The server's view: the hint's `iss` was accepted and its `sub` is the user.
-    assert_eq!(
-        (approval.client_id.as_str(), approval.user_id.as_str()),
-        (c.id.as_str(), user.as_str())
-    );
-    assert_eq!(approval.binding_message.as_deref(), Some("AuthJS 43"));
-    ts.cli_ok(&["approvals", "approve", &approval.id]);
+    approve_once_polled(&ts, &c.id, &user, "AuthJS 43").await;
     let done = script_answer("auth-js-backchannel", child).await;
     assert_eq!(done["ok"], true, "{done}");
     assert_eq!(done["issuer"], issuer.as_str());
@@ -894,13 +900,7 @@ async fn auth0_server_python_login_backchannel() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let approval = polled_approval(&ts).await;
-    assert_eq!(
-        (approval.client_id.as_str(), approval.user_id.as_str()),
-        (c.id.as_str(), user.as_str())
-    );
-    assert_eq!(approval.binding_message.as_deref(), Some("Server 44"));
-    ts.cli_ok(&["approvals", "approve", &approval.id]);
+    approve_once_polled(&ts, &c.id, &user, "Server 44").await;
     let done = script_answer("ciba_server.py", child).await;
     assert_eq!(done["ok"], true, "{done}");
 
