@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use latchkey_core::clock::SystemClock;
+use latchkey_core::model::Role;
 use latchkey_core::policy::{GrantPolicy, Quotas};
 use latchkey_core::scope::Scopes;
 use latchkey_core::vault::{Actor, NewConnection};
@@ -134,9 +135,24 @@ enum UserCmd {
         /// Create the user without a password (cannot sign in until `user passwd`).
         #[arg(long)]
         no_password: bool,
+        /// Make the user an operator: in the dashboard they manage agents, connections and
+        /// users (a user sees only their own accounts, approvals and activity).
+        #[arg(long)]
+        operator: bool,
         /// Print JSON (for scripts).
         #[arg(long)]
         json: bool,
+    },
+    /// Set a user's role in the dashboard: `operator` (manages agents, connections and users)
+    /// or `user` (sees only their own accounts, approvals and activity).
+    #[command(
+        after_help = "Examples:\n  latchkey user role alice operator\n  latchkey user role alice user"
+    )]
+    Role {
+        /// The user's id or username.
+        user: String,
+        /// The new role.
+        role: RoleArg,
     },
     /// Set up, confirm or remove a user's second factor (TOTP, any authenticator app).
     #[command(
@@ -169,6 +185,22 @@ enum UserCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A role as the command line names it.
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    User,
+    Operator,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::User => Role::User,
+            RoleArg::Operator => Role::Operator,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -666,6 +698,7 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
         Command::User(UserCmd::Add {
             username,
             no_password,
+            operator,
             json,
         }) => {
             let password = if no_password {
@@ -673,14 +706,26 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
             } else {
                 Some(read_password()?)
             };
+            let role = if operator { Role::Operator } else { Role::User };
             let u = vault
-                .add_user(&username, password.as_deref(), &actor)
+                .add_user(&username, password.as_deref(), role, &actor)
                 .await?;
             if json {
-                print_json(&serde_json::json!({"id": u.id, "username": u.username}));
+                print_json(&serde_json::json!({
+                    "id": u.id, "username": u.username, "role": u.role.as_str(),
+                }));
             } else {
-                println!("created user {} ({})", u.username, u.id);
+                println!("created {} {} ({})", u.role.as_str(), u.username, u.id);
             }
+        }
+        Command::User(UserCmd::Role { user, role }) => {
+            let u = vault.set_user_role(&user, role.into(), &actor).await?;
+            println!(
+                "role of {} ({}) set to {}",
+                u.username,
+                u.id,
+                u.role.as_str()
+            );
         }
         Command::User(UserCmd::Passwd { user }) => {
             let u = vault.set_password(&user, &read_password()?, &actor).await?;
@@ -720,12 +765,14 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
                 print_json(&serde_json::json!(
                     users
                         .iter()
-                        .map(|u| serde_json::json!({"id": u.id, "username": u.username}))
+                        .map(|u| serde_json::json!({
+                            "id": u.id, "username": u.username, "role": u.role.as_str(),
+                        }))
                         .collect::<Vec<_>>()
                 ));
             } else {
                 for u in users {
-                    println!("{}\t{}", u.id, u.username);
+                    println!("{}\t{}\t{}", u.id, u.username, u.role.as_str());
                 }
             }
         }

@@ -14,7 +14,36 @@ pub struct User {
     pub totp_seed: Option<Vec<u8>>,
     /// Enrolment confirmed with a valid code: sign-in then asks for one.
     pub totp_enabled: bool,
+    /// What the user may do in the dashboard.
+    pub role: Role,
     pub created_at: i64,
+}
+
+/// A user's role in the dashboard. An operator manages agents, connections and users; a user
+/// sees only their own accounts, approvals and activity. (The command line and the admin API
+/// are operator tools whatever the role: they act as `operator`, not as a user.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    #[default]
+    User,
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Operator => "operator",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "user" => Some(Self::User),
+            "operator" => Some(Self::Operator),
+            _ => None,
+        }
+    }
 }
 
 /// A browser session, and how and when its user authenticated (what step-up will check).

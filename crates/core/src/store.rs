@@ -141,6 +141,32 @@ pub struct AuditQuery {
     pub limit: i64,
 }
 
+/// One agent's count of one audited action on one UTC day ([`Store::audit_daily_counts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DailyCount {
+    /// The day's start, 00:00 UTC, in Unix seconds.
+    pub day: i64,
+    pub agent_id: String,
+    pub count: i64,
+}
+
+impl AuditQuery {
+    /// An action filter as people type it: `token.release` (exact) or `account.*` (every
+    /// action starting with `account.`); `*` anywhere else is refused (`None`). Returns
+    /// (`action`, `action_prefix`).
+    pub fn action_filter(text: &str) -> Option<(Option<String>, Option<String>)> {
+        if !text.contains('*') {
+            return Some((Some(text.to_owned()), None));
+        }
+        match text.strip_suffix(".*") {
+            Some(stem) if !stem.is_empty() && !stem.contains('*') => {
+                Some((None, Some(format!("{stem}."))))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A pending connect request (authorization code + PKCE towards the provider).
 #[derive(Clone, Debug)]
 pub struct ConnectFlow {
@@ -261,6 +287,14 @@ pub trait Store: Send + Sync + 'static {
     /// Record `step` as used iff it is later than the last used one (atomic replay guard).
     async fn consume_totp_step(&self, user_id: &str, step: i64) -> StoreResult<bool>;
     async fn list_users(&self) -> StoreResult<Vec<User>>;
+    /// Set the user's role, with its audit entry in the same transaction. False (and nothing
+    /// written) if there is no such user.
+    async fn set_user_role(
+        &self,
+        user_id: &str,
+        role: Role,
+        audit: &AuditRecord,
+    ) -> StoreResult<bool>;
 
     // Connections.
     async fn insert_connection(&self, c: &Connection, audit: &AuditRecord) -> StoreResult<()>;
@@ -464,6 +498,16 @@ pub trait Store: Send + Sync + 'static {
     /// `q.limit`; with `q.before_seq`, only entries strictly older than it (cursor paging that
     /// entries appended meanwhile cannot disturb).
     async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
+    /// How many `action` entries each agent had allowed per UTC day: entries at or after
+    /// `since` with `decision = 'allow'` and an agent as the actor (`actor_type = 'agent'`,
+    /// counted by `actor_id`), only the `subject_user`'s when one is given. Ordered by day,
+    /// then agent; days and agents without an entry are absent.
+    async fn audit_daily_counts(
+        &self,
+        action: &str,
+        subject_user: Option<&str>,
+        since: i64,
+    ) -> StoreResult<Vec<DailyCount>>;
 
     // Webhook outbox (entries are enqueued by an audit record's `notify`).
     /// Deliveries due at `now` (neither delivered nor given up), oldest first, at most

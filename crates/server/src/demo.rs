@@ -1,12 +1,14 @@
-//! `latchkey demo`: a demo user, the `demo-git` connection to the built-in demo provider, and an
-//! agent whose key pair is written to the data directory — everything needed to try Latchkey
-//! offline. Seeding is idempotent: a second run reuses what the first created (`demo.json`).
+//! `latchkey demo`: a demo user (an operator), the `demo-git` connection to the built-in demo
+//! provider, and an agent whose key pair is written to the data directory — everything needed
+//! to try Latchkey offline. Seeding is idempotent: a second run reuses what the first created
+//! (`demo.json`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use latchkey_core::Vault;
 use latchkey_core::catalog;
+use latchkey_core::model::Role;
 use latchkey_core::scope::Scopes;
 use latchkey_core::vault::{Actor, NewConnection};
 use latchkey_crypto::jws::PublicKey;
@@ -72,9 +74,21 @@ pub async fn seed(vault: &Vault, data_dir: &Path) -> Result<DemoInfo> {
     }
     let actor = Actor::cli();
     let password = secrets::random_token(12);
+    // The demo's one person runs the place: an operator, who sees every page of the dashboard.
     let user = match vault.store().user_by_username("demo").await? {
-        Some(u) => vault.set_password(&u.id, &password, &actor).await?,
-        None => vault.add_user("demo", Some(&password), &actor).await?,
+        Some(u) => {
+            let u = vault.set_password(&u.id, &password, &actor).await?;
+            if u.role == Role::Operator {
+                u
+            } else {
+                vault.set_user_role(&u.id, Role::Operator, &actor).await?
+            }
+        }
+        None => {
+            vault
+                .add_user("demo", Some(&password), Role::Operator, &actor)
+                .await?
+        }
     };
     if vault
         .store()

@@ -461,6 +461,7 @@ async fn listings_show_status_and_never_a_secret() {
         json!([{
             "id": ts.info.user_id, "username": "demo",
             "created_at": r.body["users"][0]["created_at"], "totp_enabled": false,
+            "role": "operator",
         }])
     );
     bodies.push(r.text);

@@ -2,6 +2,7 @@
 //! and `latchkey approvals`, step-up, anti-fatigue, exchanges held for approval, and the
 //! audit entries and webhooks of every decision.
 
+use latchkey_core::model::Role;
 use latchkey_core::vault::Actor;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -175,10 +176,10 @@ async fn ciba_pending_slow_down_approve_on_the_page_redeem_once() {
     );
     assert!(approval.get("auth_req_id").is_none());
     assert_eq!(password_step(&ts, &ts.info.password).await.0, 303);
-    let (status, _, list) = ts.browse("/approvals").await;
+    let (status, _, list) = ts.browse("/ui/approvals").await;
     assert_eq!(status, 200);
     assert!(list.contains(&id), "{list}");
-    let (status, _, page) = ts.browse(&format!("/approvals/{id}")).await;
+    let (status, _, page) = ts.browse(&format!("/ui/approvals/{id}")).await;
     assert_eq!(status, 200);
     for shown in [
         "ciba-bot",
@@ -187,7 +188,7 @@ async fn ciba_pending_slow_down_approve_on_the_page_redeem_once() {
         "offline_access",
         "medium",
         // Verbatim, escaped.
-        "&quot;creditor&quot;:&quot;&lt;ACME &amp; Co&gt;&quot;",
+        "&#34;creditor&#34;:&#34;&#60;ACME &#38; Co&#62;&#34;",
     ] {
         assert!(page.contains(shown), "{shown} in {page}");
     }
@@ -195,14 +196,14 @@ async fn ciba_pending_slow_down_approve_on_the_page_redeem_once() {
     let csrf = hidden_field(&page, "csrf");
     let (status, location, _) = ts
         .submit(
-            &format!("/approvals/{id}"),
+            &format!("/ui/approvals/{id}"),
             &[("csrf", &csrf), ("decision", "approve")],
         )
         .await;
     assert_eq!(status, 303);
-    assert!(location.unwrap().ends_with(&format!("/approvals/{id}")));
+    assert!(location.unwrap().ends_with(&format!("/ui/approvals/{id}")));
     // Decided: no more form.
-    let (_, _, page) = ts.browse(&format!("/approvals/{id}")).await;
+    let (_, _, page) = ts.browse(&format!("/ui/approvals/{id}")).await;
     assert!(page.contains("approved by user:"), "{page}");
     assert!(!page.contains("value=\"deny\""), "{page}");
 
@@ -493,7 +494,7 @@ async fn bc_authorize_refuses_bad_requests_and_changes_nothing() {
     // which the AI SDKs report as "no notification channel".
     let ghost = ts
         .vault
-        .add_user("ghost", None, &Actor::cli())
+        .add_user("ghost", None, Role::User, &Actor::cli())
         .await
         .unwrap();
     bc_authorize(&ts, &c, &[("login_hint", &hint(&ts.issuer, &ghost.id))])
@@ -640,7 +641,7 @@ async fn held(ts: &TestServer, scope: &str) -> (String, String) {
     assert!(a.body["expires_in"].as_i64().unwrap() > 0);
     let uri = a.body["approval_uri"].as_str().unwrap();
     let id = uri.rsplit('/').next().unwrap().to_owned();
-    assert_eq!(uri, ts.url(&format!("/approvals/{id}")));
+    assert_eq!(uri, ts.url(&format!("/ui/approvals/{id}")));
     (a.body["auth_req_id"].as_str().unwrap().to_owned(), id)
 }
 
@@ -676,7 +677,7 @@ async fn an_approval_covers_exactly_the_request_it_was_shown_for() {
 
     // The user approves on the page (medium: no step-up).
     assert_eq!(password_step(&ts, &ts.info.password).await.0, 303);
-    let (_, _, page) = ts.browse(&format!("/approvals/{id}")).await;
+    let (_, _, page) = ts.browse(&format!("/ui/approvals/{id}")).await;
     for shown in [
         "demo-agent",
         "demo-git",
@@ -690,7 +691,7 @@ async fn an_approval_covers_exactly_the_request_it_was_shown_for() {
     let csrf = hidden_field(&page, "csrf");
     let (status, _, _) = ts
         .submit(
-            &format!("/approvals/{id}"),
+            &format!("/ui/approvals/{id}"),
             &[("csrf", &csrf), ("decision", "approve")],
         )
         .await;
@@ -757,19 +758,19 @@ async fn critical_approvals_need_step_up_and_serve_one_release() {
     let (auth_req_id, id) = held(&ts, "repo:read").await;
     let a = approval_status(&ts, &id).await;
     assert!(a.single_use && a.step_up && a.risk == "critical");
-    let (_, _, page) = ts.browse(&format!("/approvals/{id}")).await;
+    let (_, _, page) = ts.browse(&format!("/ui/approvals/{id}")).await;
     assert!(page.contains("name=\"code\""), "the page asks for the code");
     let decide = |code: Option<String>| {
         let (ts, id) = (&ts, &id);
         async move {
-            let (_, _, page) = ts.browse(&format!("/approvals/{id}")).await;
+            let (_, _, page) = ts.browse(&format!("/ui/approvals/{id}")).await;
             let csrf = hidden_field(&page, "csrf");
             let mut form = vec![("csrf", csrf), ("decision", "approve".to_owned())];
             if let Some(c) = code {
                 form.push(("code", c));
             }
             let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let (status, _, body) = ts.submit(&format!("/approvals/{id}"), &form).await;
+            let (status, _, body) = ts.submit(&format!("/ui/approvals/{id}"), &form).await;
             (status.as_u16(), body)
         }
     };
@@ -821,12 +822,12 @@ async fn critical_approvals_need_step_up_and_serve_one_release() {
 
     // Within the step-up window the code is not asked again (and the approval says so); this
     // time the exchange itself is repeated, once.
-    let (_, _, page) = ts.browse(&format!("/approvals/{next}")).await;
+    let (_, _, page) = ts.browse(&format!("/ui/approvals/{next}")).await;
     assert!(!page.contains("name=\"code\""), "{page}");
     let csrf = hidden_field(&page, "csrf");
     let (status, _, _) = ts
         .submit(
-            &format!("/approvals/{next}"),
+            &format!("/ui/approvals/{next}"),
             &[("csrf", &csrf), ("decision", "approve")],
         )
         .await;
@@ -848,11 +849,11 @@ async fn critical_approvals_need_step_up_and_serve_one_release() {
             .status
             .success()
     );
-    let (_, _, page) = ts.browse(&format!("/approvals/{third}")).await;
+    let (_, _, page) = ts.browse(&format!("/ui/approvals/{third}")).await;
     let csrf = hidden_field(&page, "csrf");
     let (status, _, body) = ts
         .submit(
-            &format!("/approvals/{third}"),
+            &format!("/ui/approvals/{third}"),
             &[("csrf", &csrf), ("decision", "approve")],
         )
         .await;
@@ -861,7 +862,7 @@ async fn critical_approvals_need_step_up_and_serve_one_release() {
     let csrf = hidden_field(&body, "csrf");
     let (status, _, _) = ts
         .submit(
-            &format!("/approvals/{third}"),
+            &format!("/ui/approvals/{third}"),
             &[("csrf", &csrf), ("decision", "deny")],
         )
         .await;
@@ -883,7 +884,7 @@ async fn approvals_reach_the_user_by_signed_webhook() {
     assert_eq!(event["type"], "approval.requested");
     let data = &event["data"];
     assert_eq!(data["id"], id.as_str());
-    assert_eq!(data["approval_uri"], ts.url(&format!("/approvals/{id}")));
+    assert_eq!(data["approval_uri"], ts.url(&format!("/ui/approvals/{id}")));
     assert_eq!(data["agent"]["name"], "demo-agent");
     assert_eq!(data["username"], "demo");
     assert_eq!(data["connection"], "demo-git");

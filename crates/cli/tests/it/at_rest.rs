@@ -2,6 +2,7 @@
 //! their row, a wrong key refuses to start, and keys rotate while serving.
 
 use base64::Engine;
+use latchkey_core::model::Role;
 use latchkey_core::vault::{Actor, NewConnection};
 use serde_json::json;
 
@@ -120,7 +121,11 @@ async fn no_plaintext_secret_in_the_database_files() {
 async fn a_ciphertext_moved_to_another_row_does_not_open() {
     let ts = TestServer::start().await;
     let account = ts.connect_demo_account().await;
-    let bob = ts.vault.add_user("bob", None, &Actor::cli()).await.unwrap();
+    let bob = ts
+        .vault
+        .add_user("bob", None, Role::User, &Actor::cli())
+        .await
+        .unwrap();
     // Copy the demo user's account row, sealed tokens included, to bob.
     let pool = ts.sql_pool().await;
     sqlx::query(

@@ -171,7 +171,7 @@ async fn operators_read_the_audit_trail_by_filter_and_page() {
     ts.clock.advance(100);
     let account = ts.connect_demo_account().await;
     let mut canaries = vec![ts.stored_refresh_token(&account).await];
-    let (_, _, page) = ts.browse("/login?next=/account").await;
+    let (_, _, page) = ts.browse("/login?next=/ui/accounts").await;
     let csrf = hidden_field(&page, "csrf");
     let (status, _, _) = ts
         .submit(
@@ -180,7 +180,7 @@ async fn operators_read_the_audit_trail_by_filter_and_page() {
                 ("username", "demo"),
                 ("password", "not the password"),
                 ("csrf", &csrf),
-                ("next", "/account"),
+                ("next", "/ui/accounts"),
             ],
         )
         .await;

@@ -1372,7 +1372,7 @@ async fn client_authenticate_at_the_revoke_endpoint() {
 // =============================================================================================
 
 async fn password_step(ts: &TestServer, username: &str, password: &str) -> u16 {
-    let (_, _, page) = ts.browse("/login?next=/account").await;
+    let (_, _, page) = ts.browse("/login?next=/ui/accounts").await;
     let csrf = hidden_field(&page, "csrf");
     let (status, _, _) = ts
         .submit(
@@ -1381,7 +1381,7 @@ async fn password_step(ts: &TestServer, username: &str, password: &str) -> u16 {
                 ("username", username),
                 ("password", password),
                 ("csrf", &csrf),
-                ("next", "/account"),
+                ("next", "/ui/accounts"),
             ],
         )
         .await;
@@ -1389,12 +1389,12 @@ async fn password_step(ts: &TestServer, username: &str, password: &str) -> u16 {
 }
 
 async fn code_step(ts: &TestServer, code: &str) -> u16 {
-    let (_, _, page) = ts.browse("/login/totp?next=/account").await;
+    let (_, _, page) = ts.browse("/login/totp?next=/ui/accounts").await;
     let csrf = hidden_field(&page, "csrf");
     let (status, _, _) = ts
         .submit(
             "/login/totp",
-            &[("code", code), ("csrf", &csrf), ("next", "/account")],
+            &[("code", code), ("csrf", &csrf), ("next", "/ui/accounts")],
         )
         .await;
     status.as_u16()
@@ -1580,7 +1580,49 @@ async fn user_create() {
         seq,
         &Want {
             subject_user: some(id),
+            reason: Reason::Is("role user".into()),
             ..Want::cli("user.create")
+        },
+    )
+    .await;
+    let seq = mark(&ts).await;
+    let v = json_out(&cli(
+        &ts,
+        &[
+            "user",
+            "add",
+            "olga",
+            "--operator",
+            "--no-password",
+            "--json",
+        ],
+    ));
+    exactly_one(
+        &ts,
+        seq,
+        &Want {
+            subject_user: some(v["id"].as_str().unwrap()),
+            reason: Reason::Is("role operator".into()),
+            ..Want::cli("user.create")
+        },
+    )
+    .await;
+    c.assert_absent(&ts).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_role() {
+    let (ts, c) = start().await;
+    let seq = mark(&ts).await;
+    // The demo user is an operator.
+    cli(&ts, &["user", "role", "demo", "user"]);
+    exactly_one(
+        &ts,
+        seq,
+        &Want {
+            subject_user: some(&ts.info.user_id),
+            reason: Reason::Is("role user (was operator)".into()),
+            ..Want::cli("user.role")
         },
     )
     .await;

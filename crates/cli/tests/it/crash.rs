@@ -497,7 +497,7 @@ async fn connect_flow(ctx: &Ctx, name: &str, password: &str) -> Result<(), NotAc
     let got = b.get(&callback.unwrap_or_default()).await?;
     let (done, _) = expect_status("callback", got, 303)?;
     let done = done.unwrap_or_default();
-    if done.ends_with(&format!("/account?connected={CONNECTION}")) {
+    if done.ends_with(&format!("/ui/accounts?connected={CONNECTION}")) {
         Ok(())
     } else {
         Err(NotAcked::Refused(format!("callback went to {done}")))

@@ -256,7 +256,11 @@ impl TestServer {
         assert!(callback.starts_with(&self.url("/connect/demo-git/callback?")));
         let (status, location, body) = self.browse(&callback).await;
         assert_eq!(status, 303, "callback completes: {body}");
-        assert!(location.unwrap().ends_with("/account?connected=demo-git"));
+        assert!(
+            location
+                .unwrap()
+                .ends_with("/ui/accounts?connected=demo-git")
+        );
         let accounts = self
             .vault
             .store()

@@ -283,12 +283,12 @@ fn interrupt_code(answer: &Value) -> &str {
 
 /// The user approves (or denies) on the approvals page.
 async fn decide_on_the_page(ts: &TestServer, id: &str, decision: &str) {
-    let (status, _, page) = ts.browse(&format!("/approvals/{id}")).await;
+    let (status, _, page) = ts.browse(&format!("/ui/approvals/{id}")).await;
     assert_eq!(status, 200, "{page}");
     let csrf = hidden_field(&page, "csrf");
     let (status, _, body) = ts
         .submit(
-            &format!("/approvals/{id}"),
+            &format!("/ui/approvals/{id}"),
             &[("csrf", &csrf), ("decision", decision)],
         )
         .await;

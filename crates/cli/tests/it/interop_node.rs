@@ -305,7 +305,7 @@ async fn connect_up(ts: &TestServer, login: &str, password: &str) -> ConnectedAc
     );
     let (status, location, body) = ts.browse(&callback).await;
     assert_eq!(status, 303, "callback completes: {body}");
-    assert!(location.unwrap().ends_with("/account?connected=up"));
+    assert!(location.unwrap().ends_with("/ui/accounts?connected=up"));
 
     let conn = ts
         .vault

@@ -105,7 +105,7 @@ async fn connect(ts: &TestServer, mock: &MockUpstream) -> String {
     assert!(
         location
             .unwrap()
-            .ends_with(&format!("/account?connected={CONNECTION}"))
+            .ends_with(&format!("/ui/accounts?connected={CONNECTION}"))
     );
     let conn = ts
         .vault

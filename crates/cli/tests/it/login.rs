@@ -70,7 +70,7 @@ pub(crate) async fn password_step(
     ts: &TestServer,
     password: &str,
 ) -> (u16, Option<String>, String) {
-    let (_, _, page) = ts.browse("/login?next=/account").await;
+    let (_, _, page) = ts.browse("/login?next=/ui/accounts").await;
     let csrf = hidden_field(&page, "csrf");
     let (status, location, body) = ts
         .submit(
@@ -79,7 +79,7 @@ pub(crate) async fn password_step(
                 ("username", "demo"),
                 ("password", password),
                 ("csrf", &csrf),
-                ("next", "/account"),
+                ("next", "/ui/accounts"),
             ],
         )
         .await;
@@ -87,13 +87,13 @@ pub(crate) async fn password_step(
 }
 
 pub(crate) async fn code_step(ts: &TestServer, code: &str) -> (u16, Option<String>) {
-    let (status, _, page) = ts.browse("/login/totp?next=/account").await;
+    let (status, _, page) = ts.browse("/login/totp?next=/ui/accounts").await;
     assert_eq!(status, 200, "the code form is shown to a pending session");
     let csrf = hidden_field(&page, "csrf");
     let (status, location, _) = ts
         .submit(
             "/login/totp",
-            &[("code", code), ("csrf", &csrf), ("next", "/account")],
+            &[("code", code), ("csrf", &csrf), ("next", "/ui/accounts")],
         )
         .await;
     (status.as_u16(), location)
@@ -110,7 +110,7 @@ async fn totp_two_step_sign_in() {
     assert_eq!(status, 303);
     assert!(location.unwrap().contains("/login/totp"));
     // Password alone is not signed in.
-    let (status, location, _) = ts.browse("/account").await;
+    let (status, location, _) = ts.browse("/ui/accounts").await;
     assert_eq!(status, 303);
     assert!(location.unwrap().contains("/login"));
 
@@ -125,9 +125,9 @@ async fn totp_two_step_sign_in() {
     let (status, location) = code_step(&ts, &code).await;
     assert_eq!(
         (status, location.as_deref()),
-        (303, Some(ts.url("/account").as_str()))
+        (303, Some(ts.url("/ui/accounts").as_str()))
     );
-    let (status, _, _) = ts.browse("/account").await;
+    let (status, _, _) = ts.browse("/ui/accounts").await;
     assert_eq!(status, 200);
 
     // The session records how and when the user authenticated.
@@ -159,7 +159,7 @@ async fn totp_two_step_sign_in() {
     );
     assert_eq!(
         password_step(&ts, &ts.info.password).await.1.as_deref(),
-        Some(ts.url("/account").as_str())
+        Some(ts.url("/ui/accounts").as_str())
     );
 }
 
@@ -278,4 +278,104 @@ async fn user_commands() {
     assert_eq!(status, 303);
     let out = run(&["user", "mfa", "nobody"], "");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no user `nobody`"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_roles_are_set_and_listed_by_the_cli() {
+    let ts = TestServer::start().await;
+    // Every user's role, by username (users made in the same second list by name).
+    let roles = || -> Vec<(String, String)> {
+        let v: serde_json::Value =
+            serde_json::from_str(&ts.cli_ok(&["user", "list", "--json"])).unwrap();
+        let mut roles: Vec<(String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| {
+                (
+                    u["username"].as_str().unwrap().to_owned(),
+                    u["role"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        roles.sort();
+        roles
+    };
+    let pair = |u: &str, r: &str| (u.to_owned(), r.to_owned());
+
+    // The demo's user runs the place.
+    assert_eq!(roles(), [pair("demo", "operator")]);
+    let v: serde_json::Value = serde_json::from_str(&ts.cli_ok(&[
+        "user",
+        "add",
+        "bob",
+        "--operator",
+        "--no-password",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (&v["username"], &v["role"]),
+        (&"bob".into(), &"operator".into())
+    );
+    let bob = v["id"].as_str().unwrap().to_owned();
+    let out = ts.cli_ok(&["user", "add", "carol", "--no-password"]);
+    assert!(out.starts_with("created user carol"), "{out}");
+    assert_eq!(
+        roles(),
+        [
+            pair("bob", "operator"),
+            pair("carol", "user"),
+            pair("demo", "operator")
+        ]
+    );
+
+    let out = ts.cli_ok(&["user", "role", "bob", "user"]);
+    assert_eq!(out, format!("role of bob ({bob}) set to user\n"));
+    let out = ts.cli_ok(&["user", "role", "carol", "operator"]);
+    assert!(out.ends_with("set to operator\n"), "{out}");
+    assert_eq!(
+        roles(),
+        [
+            pair("bob", "user"),
+            pair("carol", "operator"),
+            pair("demo", "operator")
+        ]
+    );
+    let text = ts.cli_ok(&["user", "list"]);
+    assert!(text.contains(&format!("{bob}\tbob\tuser\n")), "{text}");
+
+    // A role that does not exist, or a user who does not: refused, nothing changed or recorded.
+    let audit = ts.vault.store().list_audit(1).await.unwrap()[0].seq;
+    for (args, says) in [
+        (
+            ["user", "role", "bob", "admin"],
+            "invalid value 'admin' for '<ROLE>'",
+        ),
+        (
+            ["user", "role", "bob", "Operator"],
+            "[possible values: user, operator]",
+        ),
+        (["user", "role", "nobody", "operator"], "no user `nobody`"),
+    ] {
+        let out = ts.cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    let out = ts.cli(&["user", "role", "bob"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        roles(),
+        [
+            pair("bob", "user"),
+            pair("carol", "operator"),
+            pair("demo", "operator")
+        ]
+    );
+    assert_eq!(
+        ts.vault.store().list_audit(1).await.unwrap()[0].seq,
+        audit,
+        "no audit entry for a refused change"
+    );
 }

@@ -14,6 +14,8 @@ mod catalog;
 mod config_cache;
 mod connected_accounts;
 mod crash;
+mod dashboard;
+mod dashboard_e2e;
 mod health;
 mod interop;
 mod interop_ciba;

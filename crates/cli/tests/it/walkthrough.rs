@@ -256,7 +256,12 @@ async fn connect_answers_are_bound_to_the_session_and_the_provider() {
     );
     // …but the answer is delivered in another user's session: refused, nothing connected.
     ts.vault
-        .add_user("mallory", Some("mallory's long password"), &actor)
+        .add_user(
+            "mallory",
+            Some("mallory's long password"),
+            latchkey_core::model::Role::User,
+            &actor,
+        )
         .await
         .unwrap();
     ts.submit("/logout", &[]).await;

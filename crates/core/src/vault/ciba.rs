@@ -143,7 +143,7 @@ impl Vault {
 
     /// Where the user decides on an approval.
     pub fn approval_uri(&self, id: &str) -> String {
-        format!("{}approvals/{id}", self.config.issuer)
+        format!("{}ui/approvals/{id}", self.config.issuer)
     }
 
     /// An approval as the CLI, the webhooks and the page show it. Never the `auth_req_id`.

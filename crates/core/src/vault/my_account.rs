@@ -544,12 +544,6 @@ impl Vault {
         id: &str,
         ctx: &RequestContext,
     ) -> Result<(), Problem> {
-        let account = self.store.account_by_id(id).await.map_err(store_err)?;
-        if !account
-            .is_some_and(|a| a.user_id == token.user_id && a.status != AccountStatus::Revoked)
-        {
-            return Err(Problem::new(404, "Not Found", "no such connected account"));
-        }
         // The user, through an app holding their My Account access token.
         let actor = Actor {
             kind: "user",
@@ -557,15 +551,34 @@ impl Vault {
             method: "access_token",
         };
         let note = format!("disconnected through {}", token.client_id);
-        self.revoke_account_noted(id, &actor, Some(note), ctx)
-            .await
-            .map_err(|e| match e {
-                AdminError::NotFound(d) => Problem::new(404, "Not Found", d),
-                other => {
-                    tracing::error!(error = %other, "deleting a connected account failed");
-                    Problem::new(503, "Service Unavailable", "retry shortly")
-                }
-            })?;
+        match self.disconnect_own(&actor, id, Some(note), ctx).await {
+            Ok(true) => {}
+            Ok(false) | Err(AdminError::NotFound(_)) => {
+                return Err(Problem::new(404, "Not Found", "no such connected account"));
+            }
+            Err(other) => {
+                tracing::error!(error = %other, "deleting a connected account failed");
+                return Err(Problem::new(503, "Service Unavailable", "retry shortly"));
+            }
+        }
         Ok(())
+    }
+
+    /// A user disconnects one of their own accounts (`actor.id` is the user): revoked here and
+    /// at the provider. `Ok(false)` when it is not theirs or is already revoked — the same
+    /// answer, so nobody learns whether another user's account exists.
+    pub async fn disconnect_own(
+        &self,
+        actor: &Actor,
+        id: &str,
+        note: Option<String>,
+        ctx: &RequestContext,
+    ) -> Result<bool, AdminError> {
+        let account = self.store.account_by_id(id).await?;
+        if !account.is_some_and(|a| a.user_id == actor.id && a.status != AccountStatus::Revoked) {
+            return Ok(false);
+        }
+        self.revoke_account_noted(id, actor, note, ctx).await?;
+        Ok(true)
     }
 }

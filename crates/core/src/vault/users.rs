@@ -57,6 +57,7 @@ impl Vault {
         &self,
         username: &str,
         password: Option<&str>,
+        role: Role,
         actor: &Actor,
     ) -> Result<User, AdminError> {
         validate_name("username", username)?;
@@ -70,14 +71,41 @@ impl Vault {
             password_hash,
             totp_seed: None,
             totp_enabled: false,
+            role,
             created_at: self.now(),
         };
         let audit = AuditRecord {
             subject_user: Some(user.id.clone()),
+            reason: Some(format!("role {}", role.as_str())),
             ..self.audit(actor, "user.create")
         };
         self.store.insert_user(&user, &audit).await?;
         Ok(user)
+    }
+
+    /// Make a user an operator of the dashboard, or a plain user again. Setting the role a
+    /// user already has is audited like any other change. Returns the user as now stored.
+    pub async fn set_user_role(
+        &self,
+        user_ref: &str,
+        role: Role,
+        actor: &Actor,
+    ) -> Result<User, AdminError> {
+        let user = self.find_user(user_ref).await?;
+        let audit = AuditRecord {
+            subject_user: Some(user.id.clone()),
+            reason: Some(format!(
+                "role {} (was {})",
+                role.as_str(),
+                user.role.as_str()
+            )),
+            ..self.audit(actor, "user.role")
+        };
+        if !self.store.set_user_role(&user.id, role, &audit).await? {
+            // Deleted between the lookup and the update.
+            return Err(AdminError::NotFound(format!("no user `{user_ref}`")));
+        }
+        Ok(User { role, ..user })
     }
 
     pub async fn set_password(

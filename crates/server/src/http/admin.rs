@@ -496,6 +496,7 @@ async fn list_users(_: Operator, State(s): State<AppState>, uri: Uri) -> ApiResu
                 "username": u.username,
                 "created_at": rfc3339(u.created_at),
                 "totp_enabled": u.totp_enabled,
+                "role": u.role.as_str(),
             })
         })
         .collect();
@@ -640,21 +641,14 @@ async fn read_audit(_: Operator, State(s): State<AppState>, uri: Uri) -> ApiResu
             "cursor",
         ],
     )?;
-    // `account.*` is every action starting with `account.`; `*` means nothing anywhere else.
     let (action, action_prefix) = match q.get("action") {
         None => (None, None),
-        Some(a) if !a.contains('*') => (Some(a.clone()), None),
-        Some(a) => match a.strip_suffix(".*") {
-            Some(stem) if !stem.is_empty() && !stem.contains('*') => {
-                (None, Some(format!("{stem}.")))
-            }
-            _ => {
-                return Err(invalid(
-                    "action",
-                    "takes `*` only as a final `.*` (e.g. `account.*`)",
-                ));
-            }
-        },
+        Some(a) => AuditQuery::action_filter(a).ok_or_else(|| {
+            invalid(
+                "action",
+                "takes `*` only as a final `.*` (e.g. `account.*`)",
+            )
+        })?,
     };
     let decision = match q.get("decision").map(String::as_str) {
         None => None,

@@ -7,6 +7,7 @@ mod errors;
 mod my_account;
 mod oauth;
 mod ops;
+mod ui;
 mod web;
 
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +32,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Cookies get `Secure` when served over TLS.
     pub tls: bool,
+    /// The dashboard's last verification of the audit chain.
+    pub ui: Arc<ui::ChainCache>,
 }
 
 impl AppState {
@@ -39,6 +42,7 @@ impl AppState {
             vault,
             metrics: prometheus(),
             tls,
+            ui: Arc::default(),
         }
     }
 }
@@ -76,11 +80,8 @@ pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
         .route("/oauth/token", post(oauth::token))
         .route("/oauth/revoke", post(oauth::revoke))
         .route("/bc-authorize", post(approvals::bc_authorize))
-        .route("/approvals", get(approvals::list))
-        .route(
-            "/approvals/{id}",
-            get(approvals::detail).post(approvals::decide),
-        )
+        .route("/approvals", get(approvals::to_dashboard))
+        .route("/approvals/{id}", get(approvals::to_dashboard_one))
         .route("/userinfo", get(oauth::userinfo).post(oauth::userinfo))
         .route("/authorize", get(web::authorize))
         .route("/connected-accounts/connect", get(web::connect_ticket))
@@ -117,6 +118,7 @@ pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
         .route("/connect/{connection}/callback", get(web::connect_callback))
         .route("/connect/{connection}", get(web::connect_start))
         .nest("/api/v1", admin::router())
+        .nest("/ui", ui::router())
         .with_state(state.clone());
     if let Some(demo) = demo {
         app = app.nest("/demo", demo.router());

@@ -1,11 +1,12 @@
-//! The minimal browser flow of the first release: sign in, see your connections, connect one.
-//! (The full dashboard replaces these pages later.) Plain server-rendered HTML, no script;
-//! the session cookie is `HttpOnly`, `SameSite=Lax` and `Secure` over TLS; the login form
-//! carries a double-submit CSRF token; every value placed in HTML is escaped.
+//! The browser legs outside the dashboard: sign in (password, then TOTP when enrolled), sign
+//! out, connecting an account (the provider's redirect and callback), Latchkey's own
+//! `/authorize`, and the My Account connect ticket. Pages share the dashboard's layout
+//! (`templates/`); the session cookie is `HttpOnly`, `SameSite=Lax` and `Secure` over TLS;
+//! the sign-in forms carry a double-submit CSRF token; every value placed in HTML is escaped.
 
 use axum::extract::{Extension, Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
 use latchkey_core::vault::{Authorize, ConnectDone, RequestContext, SignIn};
@@ -36,17 +37,24 @@ pub(super) fn esc(s: &str) -> String {
         .collect()
 }
 
+/// A page of the layout without navigation; `body` is HTML its callers built with [`esc`].
+#[derive(askama::Template)]
+#[template(path = "plain.html")]
+struct Plain<'a> {
+    title: &'a str,
+    body: &'a str,
+    nav: Option<super::ui::Nav>,
+}
+
 pub(super) fn page(status: StatusCode, title: &str, body: &str) -> Response {
-    let html = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" \
-         content=\"width=device-width, initial-scale=1\"><title>{t} · Latchkey</title></head><body><main>\
-         <h1>{t}</h1>{body}</main></body></html>",
-        t = esc(title)
-    );
-    let mut resp = (status, Html(html)).into_response();
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    super::ui::render(
+        status,
+        &Plain {
+            title,
+            body,
+            nav: None,
+        },
+    )
 }
 
 pub(super) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -84,7 +92,7 @@ fn safe_next(next: Option<&str>) -> String {
         {
             n.to_owned()
         }
-        _ => "/account".to_owned(),
+        _ => "/ui".to_owned(),
     }
 }
 
@@ -94,7 +102,7 @@ pub(super) fn login_to(next: &str) -> Response {
 }
 
 pub async fn home() -> Redirect {
-    Redirect::to("/account")
+    Redirect::to("/ui")
 }
 
 #[derive(Deserialize)]
@@ -106,27 +114,47 @@ pub async fn login_page(State(s): State<AppState>, Query(q): Query<NextQuery>) -
     login_form(&s, &safe_next(q.next.as_deref()), None)
 }
 
-fn login_form(s: &AppState, next: &str, error: Option<&str>) -> Response {
+#[derive(askama::Template)]
+#[template(path = "login.html")]
+struct Login<'a> {
+    title: &'a str,
+    nav: Option<super::ui::Nav>,
+    csrf: &'a str,
+    next: &'a str,
+    error: Option<&'a str>,
+    /// The second step: the TOTP code.
+    totp: bool,
+}
+
+/// The sign-in form (or its TOTP step), with a fresh double-submit CSRF token.
+fn sign_in_form(s: &AppState, next: &str, error: Option<&str>, totp: bool) -> Response {
     let csrf = latchkey_crypto::secrets::random_token(24);
-    let error = error
-        .map(|e| format!("<p role=\"alert\">{}</p>", esc(e)))
-        .unwrap_or_default();
-    let body = format!(
-        "{error}<form method=\"post\" action=\"/login\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><input type=\"hidden\" name=\"next\" value=\"{next}\">\
-         <p><label for=\"username\">Username</label><br><input id=\"username\" name=\"username\" autocomplete=\"username\" required></p>\
-         <p><label for=\"password\">Password</label><br><input id=\"password\" name=\"password\" type=\"password\" \
-         autocomplete=\"current-password\" required></p><p><button type=\"submit\">Sign in</button></p></form>",
-        next = esc(next)
-    );
-    let status = if error.is_empty() {
+    let status = if error.is_none() {
         StatusCode::OK
     } else {
         StatusCode::UNAUTHORIZED
     };
-    let mut resp = page(status, "Sign in", &body);
-    set_cookie(&mut resp, s, CSRF, &csrf, 600);
+    let mut resp = super::ui::render(
+        status,
+        &Login {
+            title: if totp {
+                "Two-step verification"
+            } else {
+                "Sign in"
+            },
+            nav: None,
+            csrf: &csrf,
+            next,
+            error,
+            totp,
+        },
+    );
+    set_cookie(&mut resp, s, CSRF, &csrf, if totp { 300 } else { 600 });
     resp
+}
+
+fn login_form(s: &AppState, next: &str, error: Option<&str>) -> Response {
+    sign_in_form(s, next, error, false)
 }
 
 #[derive(Deserialize)]
@@ -205,26 +233,7 @@ pub async fn login(
 }
 
 fn totp_form(s: &AppState, next: &str, error: Option<&str>) -> Response {
-    let csrf = latchkey_crypto::secrets::random_token(24);
-    let error = error
-        .map(|e| format!("<p role=\"alert\">{}</p>", esc(e)))
-        .unwrap_or_default();
-    let body = format!(
-        "{error}<form method=\"post\" action=\"/login/totp\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><input type=\"hidden\" name=\"next\" value=\"{next}\">\
-         <p><label for=\"code\">Code from your authenticator app</label><br><input id=\"code\" name=\"code\" \
-         inputmode=\"numeric\" autocomplete=\"one-time-code\" pattern=\"[0-9]{{6}}\" maxlength=\"6\" required></p>\
-         <p><button type=\"submit\">Verify</button></p></form>",
-        next = esc(next)
-    );
-    let status = if error.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::UNAUTHORIZED
-    };
-    let mut resp = page(status, "Two-step verification", &body);
-    set_cookie(&mut resp, s, CSRF, &csrf, 300);
-    resp
+    sign_in_form(s, next, error, true)
 }
 
 async fn pending_session(s: &AppState, headers: &HeaderMap) -> Option<String> {
@@ -290,67 +299,9 @@ pub async fn logout(State(s): State<AppState>, headers: HeaderMap) -> Response {
     resp
 }
 
-#[derive(Deserialize)]
-pub struct AccountQuery {
-    connected: Option<String>,
-}
-
-pub async fn account(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    Query(q): Query<AccountQuery>,
-) -> Response {
-    let Some(user_id) = session_user(&s, &headers).await else {
-        return login_to("/account");
-    };
-    let store = s.vault.store();
-    let (Ok(connections), Ok(accounts)) = (
-        store.list_connections().await,
-        store.list_accounts(Some(&user_id)).await,
-    ) else {
-        return page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Your connections",
-            "The database is unavailable; retry shortly.",
-        );
-    };
-    let mut rows = String::new();
-    for c in &connections {
-        let mine: Vec<_> = accounts
-            .iter()
-            .filter(|a| a.connection_id == c.id)
-            .collect();
-        let status = if mine.is_empty() {
-            "not connected".to_owned()
-        } else {
-            mine.iter()
-                .map(|a| {
-                    format!(
-                        "{} ({}, {}; scopes: {})",
-                        esc(a.upstream_account_id.as_deref().unwrap_or("account")),
-                        esc(&a.id),
-                        a.status.as_str(),
-                        esc(&a.scopes.to_string_spaced())
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
-        rows.push_str(&format!(
-            "<li><strong>{name}</strong>: {status} — <a href=\"/connect/{name}\">Connect {name}</a></li>",
-            name = esc(&c.name)
-        ));
-    }
-    let notice = q
-        .connected
-        .map(|c| format!("<p role=\"status\">Connected {}.</p>", esc(&c)))
-        .unwrap_or_default();
-    let body = format!(
-        "{notice}<p>Signed in as <code>{}</code>.</p><ul>{rows}</ul>\
-         <form method=\"post\" action=\"/logout\"><button type=\"submit\">Sign out</button></form>",
-        esc(&user_id)
-    );
-    page(StatusCode::OK, "Your connections", &body)
+/// The first release's account page lives on in the dashboard.
+pub async fn account() -> Redirect {
+    Redirect::permanent("/ui/accounts")
 }
 
 pub async fn connect_start(
@@ -389,7 +340,7 @@ pub async fn connect_callback(
     Query(q): Query<CallbackQuery>,
 ) -> Response {
     let Some(user_id) = session_user(&s, &headers).await else {
-        return login_to("/account");
+        return login_to("/ui/accounts");
     };
     if let Some(err) = q.error {
         let detail = q.error_description.unwrap_or_default();
@@ -436,7 +387,7 @@ pub async fn connect_callback(
                 .map(|c| c.name)
                 .unwrap_or_default();
             let q: String = url::form_urlencoded::byte_serialize(name.as_bytes()).collect();
-            Redirect::to(&format!("/account?connected={q}")).into_response()
+            Redirect::to(&format!("/ui/accounts?connected={q}")).into_response()
         }
         Err(e) => page(
             StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),

@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("v5_policy.sql")),
     (6, include_str!("v6_approvals.sql")),
     (7, include_str!("v7_config_revision.sql")),
+    (8, include_str!("v8_roles.sql")),
 ];
 
 #[derive(Clone, Debug)]
@@ -374,6 +375,8 @@ fn user_row(r: &SqliteRow) -> User {
         password_hash: r.get("password_hash"),
         totp_seed: r.get("totp_seed"),
         totp_enabled: r.get::<i64, _>("totp_enabled") != 0,
+        // The column's CHECK admits only known roles; anything else would get the least power.
+        role: Role::parse(r.get("role")).unwrap_or_default(),
         created_at: r.get("created_at"),
     }
 }
@@ -688,11 +691,12 @@ impl Store for SqliteStore {
     async fn insert_user(&self, user: &User, audit: &AuditRecord) -> StoreResult<()> {
         let mut tx = self.write().await?;
         sqlx::query(
-            "INSERT INTO users (id, username, password_hash, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO users (id, username, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)",
         )
         .bind(&user.id)
         .bind(&user.username)
         .bind(&user.password_hash)
+        .bind(user.role.as_str())
         .bind(user.created_at)
         .execute(&mut *tx)
         .await
@@ -771,6 +775,21 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         Ok(rows.iter().map(user_row).collect())
+    }
+
+    async fn set_user_role(
+        &self,
+        user_id: &str,
+        role: Role,
+        audit: &AuditRecord,
+    ) -> StoreResult<bool> {
+        self.audited(
+            sqlx::query("UPDATE users SET role = ? WHERE id = ?")
+                .bind(role.as_str())
+                .bind(user_id),
+            audit,
+        )
+        .await
     }
 
     async fn insert_connection(&self, c: &Connection, audit: &AuditRecord) -> StoreResult<()> {
@@ -1986,6 +2005,29 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(audit_row).collect())
     }
 
+    async fn audit_daily_counts(
+        &self,
+        action: &str,
+        subject_user: Option<&str>,
+        since: i64,
+    ) -> StoreResult<Vec<DailyCount>> {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(AUDIT_DAILY_COUNTS)
+            .bind(action)
+            .bind(subject_user)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(rows
+            .into_iter()
+            .map(|(day, agent_id, count)| DailyCount {
+                day,
+                agent_id,
+                count,
+            })
+            .collect())
+    }
+
     async fn create_approval(
         &self,
         a: &Approval,
@@ -2292,6 +2334,16 @@ const AUDIT_BY_AGENT: &str = concat!(
     audit_select!("agent_id = ?2 AND "),
     ") ORDER BY seq DESC LIMIT ?10"
 );
+
+/// `audit_daily_counts`: ?1 action, ?2 subject user (NULL for all), ?3 since. The literal
+/// `actor_type` and `decision` terms let SQLite use the partial index `audit_events_agent_daily`
+/// (v8_roles.sql), walked as the range (action = ?1, at >= ?3). The day is `at` rounded down
+/// to 00:00 UTC (floored, so a time before 1970 too lands on its own day's start).
+const AUDIT_DAILY_COUNTS: &str = "SELECT at - ((at % 86400) + 86400) % 86400 AS day, \
+     actor_id, COUNT(*) AS count FROM audit_events \
+     WHERE action = ?1 AND at >= ?3 AND actor_type = 'agent' AND decision = 'allow' \
+     AND (?2 IS NULL OR subject_user = ?2) \
+     GROUP BY day, actor_id ORDER BY day, actor_id";
 
 #[cfg(test)]
 mod tests;

@@ -28,6 +28,7 @@ async fn seed(s: &SqliteStore) -> ConnectedAccount {
             password_hash: None,
             totp_seed: None,
             totp_enabled: false,
+            role: Role::User,
             created_at: 1,
         },
         &audit("u"),
@@ -111,6 +112,7 @@ async fn reopen_is_idempotent_and_file_is_private() {
             password_hash: None,
             totp_seed: None,
             totp_enabled: false,
+            role: Role::User,
             created_at: 1,
         },
         &audit("u"),
@@ -139,6 +141,7 @@ async fn duplicate_username_is_a_conflict_and_writes_nothing() {
         password_hash: None,
         totp_seed: None,
         totp_enabled: false,
+        role: Role::User,
         created_at: 1,
     };
     s.insert_user(&u, &audit("user.create")).await.unwrap();
@@ -1009,5 +1012,253 @@ async fn expired_jtis_are_purged_in_several_transactions_and_live_ones_stay() {
     assert_eq!(
         left,
         (0..5).map(|i| format!("live:{i}")).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_role_is_stored_changed_with_its_audit_entry_and_only_known_roles_exist() {
+    let (_d, s) = store().await;
+    seed(&s).await;
+    assert_eq!(
+        s.user_by_id("usr_1").await.unwrap().unwrap().role,
+        Role::User
+    );
+    let op = User {
+        id: "usr_2".into(),
+        username: "olga".into(),
+        password_hash: None,
+        totp_seed: None,
+        totp_enabled: false,
+        role: Role::Operator,
+        created_at: 2,
+    };
+    s.insert_user(&op, &audit("user.create")).await.unwrap();
+    assert_eq!(
+        s.user_by_username("olga").await.unwrap().unwrap().role,
+        Role::Operator
+    );
+
+    let before = s.list_audit(100).await.unwrap().len();
+    let change = AuditRecord {
+        subject_user: Some("usr_1".into()),
+        reason: Some("role operator (was user)".into()),
+        ..audit("user.role")
+    };
+    assert!(
+        s.set_user_role("usr_1", Role::Operator, &change)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.user_by_id("usr_1").await.unwrap().unwrap().role,
+        Role::Operator
+    );
+    let entries = s.list_audit(100).await.unwrap();
+    assert_eq!(entries.len(), before + 1);
+    let e = &entries[0].record;
+    assert_eq!(
+        (
+            e.action.as_str(),
+            e.subject_user.as_deref(),
+            e.reason.as_deref()
+        ),
+        ("user.role", Some("usr_1"), Some("role operator (was user)"))
+    );
+    assert!(
+        s.set_user_role("usr_2", Role::User, &audit("user.role"))
+            .await
+            .unwrap()
+    );
+    let roles: Vec<(String, Role)> = s
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.username, u.role))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("alice".into(), Role::Operator),
+            ("olga".into(), Role::User)
+        ]
+    );
+
+    // No such user: false, and no entry.
+    assert!(
+        !s.set_user_role("nobody", Role::Operator, &audit("user.role"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.list_audit(100).await.unwrap().len(), before + 2);
+
+    // The schema admits only the two roles, whoever writes the row.
+    let bad = sqlx::query("UPDATE users SET role = 'admin' WHERE id = 'usr_1'")
+        .execute(s.pool())
+        .await;
+    assert!(bad.is_err(), "{bad:?}");
+    assert_eq!(
+        s.user_by_id("usr_1").await.unwrap().unwrap().role,
+        Role::Operator
+    );
+}
+
+/// An entry for the daily-count tests.
+fn counted(
+    at: i64,
+    actor: (&str, &str),
+    user: Option<&str>,
+    action: &str,
+    ok: bool,
+) -> AuditRecord {
+    AuditRecord {
+        at,
+        actor_type: actor.0.into(),
+        actor_id: actor.1.into(),
+        auth_method: "test".into(),
+        subject_user: user.map(Into::into),
+        action: action.into(),
+        decision: if ok { "allow" } else { "deny" }.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn daily_counts_group_an_agents_allowed_actions_by_utc_day() {
+    let (_d, s) = store().await;
+    const DAY: i64 = 86_400;
+    let d0 = 20_000 * DAY; // 00:00 UTC
+    let d1 = d0 + DAY;
+    let (a1, a2) = (("agent", "agt_1"), ("agent", "agt_2"));
+    let release = "token.release";
+    // Written out of time order: the grouping, not the writing, orders the answer.
+    for e in [
+        counted(d1, a1, Some("usr_a"), release, true),
+        counted(d0 + 10, a1, Some("usr_a"), release, true),
+        counted(d0 + DAY - 1, a1, Some("usr_a"), release, true),
+        counted(d0 + 100, a2, Some("usr_a"), release, true),
+        counted(d0 - 1, a1, Some("usr_a"), release, true),
+        // Another user's, and one without a user: only in the count over everyone.
+        counted(d1 + 5, a2, Some("usr_b"), release, true),
+        counted(d1 + 50, a2, None, release, true),
+        // Never counted: refused, another action, not an agent acting.
+        counted(d0 + 200, a1, Some("usr_a"), release, false),
+        counted(d1 + 200, a2, Some("usr_a"), release, false),
+        counted(d0 + 300, a1, Some("usr_a"), "token.issue", true),
+        counted(
+            d0 + 400,
+            ("operator", "agt_1"),
+            Some("usr_a"),
+            release,
+            true,
+        ),
+        counted(d0 + 500, ("user", "usr_a"), Some("usr_a"), release, true),
+    ] {
+        s.append_audit(&e).await.unwrap();
+    }
+    let counts = |user: Option<&'static str>, since: i64| {
+        let s = s.clone();
+        async move {
+            s.audit_daily_counts(release, user, since)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.day, c.agent_id, c.count))
+                .collect::<Vec<_>>()
+        }
+    };
+    let row = |day: i64, agent: &str, count: i64| (day, agent.to_owned(), count);
+
+    assert_eq!(
+        counts(Some("usr_a"), d0).await,
+        [
+            row(d0, "agt_1", 2),
+            row(d0, "agt_2", 1),
+            row(d1, "agt_1", 1)
+        ]
+    );
+    assert_eq!(
+        counts(None, d0).await,
+        [
+            row(d0, "agt_1", 2),
+            row(d0, "agt_2", 1),
+            row(d1, "agt_1", 1),
+            row(d1, "agt_2", 2)
+        ]
+    );
+    // `since` is a time, not a day: the entry before it, on the same day, is left out.
+    assert_eq!(
+        counts(Some("usr_a"), d0 + 11).await,
+        [
+            row(d0, "agt_1", 1),
+            row(d0, "agt_2", 1),
+            row(d1, "agt_1", 1)
+        ]
+    );
+    assert_eq!(
+        counts(Some("usr_a"), d0 - DAY).await,
+        [
+            row(d0 - DAY, "agt_1", 1),
+            row(d0, "agt_1", 2),
+            row(d0, "agt_2", 1),
+            row(d1, "agt_1", 1)
+        ]
+    );
+    assert_eq!(counts(Some("usr_b"), d1 + 6).await, []);
+    assert_eq!(counts(Some("nobody"), 0).await, []);
+    assert_eq!(
+        s.audit_daily_counts("token.issue", None, 0).await.unwrap(),
+        [DailyCount {
+            day: d0,
+            agent_id: "agt_1".into(),
+            count: 1
+        }]
+    );
+}
+
+#[tokio::test]
+async fn daily_counts_walk_an_index_range() {
+    let (_d, s) = store().await;
+    for user in [Some("usr_a"), None] {
+        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {AUDIT_DAILY_COUNTS}"
+        )))
+        .bind("token.release")
+        .bind(user)
+        .bind(0_i64)
+        .fetch_all(s.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>("detail"))
+        .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("USING COVERING INDEX audit_events_agent_daily (action=? AND at>?)"),
+            "{plan}"
+        );
+        assert!(!plan.contains("SCAN audit_events"), "{plan}");
+    }
+}
+
+#[tokio::test]
+async fn users_from_before_roles_become_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let s = SqliteStore::open(&path).await.unwrap();
+    // Back to version 7, with a user written then.
+    sqlx::raw_sql(
+        "DROP INDEX audit_events_agent_daily; ALTER TABLE users DROP COLUMN role; \
+         DELETE FROM schema_migrations WHERE version = 8; \
+         INSERT INTO users (id, username, created_at) VALUES ('usr_old', 'old', 1);",
+    )
+    .execute(s.pool())
+    .await
+    .unwrap();
+    s.pool().close().await;
+    let s = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(
+        s.user_by_id("usr_old").await.unwrap().unwrap().role,
+        Role::User
     );
 }
