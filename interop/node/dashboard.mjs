@@ -387,6 +387,21 @@ async function story(page) {
   await visit(page, "/ui");
   await expectH1(page, "Overview");
   await shot(page, "overview-end");
+
+  log("the operator's pages (the demo user is an operator): agents, the demo agent, users");
+  await visit(page, "/ui/agents");
+  await expectH1(page, "Agents");
+  await shot(page, "agents");
+  await link(page, "demo-agent").click();
+  await page.waitForLoadState("load");
+  await expectH1(page, "Agent demo-agent");
+  await expectText(page.locator("main"), "repo:read=critical", "the demo agent's grant");
+  await expectText(page.locator("main"), "token.release", "the demo agent's activity");
+  await shot(page, "agent");
+  await visit(page, "/ui/users");
+  await expectH1(page, "Users");
+  await expectText(page.locator("main"), "demo (you)", "the users list");
+  await shot(page, "users");
   log(`Content-Security-Policy seen: ${[...policies].join(" | ")}`);
 }
 
