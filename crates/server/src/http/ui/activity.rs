@@ -8,6 +8,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use latchkey_core::model::AuditEntry;
 use latchkey_core::store::AuditQuery;
+use std::collections::HashMap;
+
 use tokio::sync::Mutex;
 
 use super::{CsrfForm, Nav, NoticeQuery, S, Viewer, message, render, unavailable, when};
@@ -18,20 +20,52 @@ const CHAIN_FRESH_SECS: i64 = 300;
 /// The export's cap per download (page with `before=` for more).
 const EXPORT_MAX: i64 = 10_000;
 
-/// One entry as the page shows it.
+/// One entry as the page shows it: users and agents by name, their ids beside.
 pub(super) struct ActivityRow {
     pub seq: i64,
     pub at: String,
+    /// `user alice (session)`, `agent reporter (private_key_jwt)`, `operator local (cli)`.
     pub actor: String,
+    pub actor_id: String,
     pub action: String,
     pub target: String,
     pub scopes: String,
     pub decision: String,
     pub reason: String,
+    /// The subject user's name (empty when the entry has none).
     pub subject: String,
+    pub subject_id: String,
 }
 
-pub(super) fn activity_rows(entries: &[AuditEntry]) -> Vec<ActivityRow> {
+/// `entries` as rows, with the names of the users and agents they mention (an id stays an id
+/// when its owner is gone, or when the names cannot be read).
+pub(super) async fn activity_rows(s: &S, entries: &[AuditEntry]) -> Vec<ActivityRow> {
+    let store = s.vault.store();
+    let mut names: HashMap<String, String> = HashMap::new();
+    if entries
+        .iter()
+        .any(|e| e.record.subject_user.is_some() || e.record.actor_type != "agent")
+    {
+        names.extend(
+            store
+                .list_users()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|u| (u.id, u.username)),
+        );
+    }
+    if entries.iter().any(|e| e.record.actor_type == "agent") {
+        names.extend(
+            store
+                .list_agents()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| (a.id, a.name)),
+        );
+    }
+    let name = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_owned());
     entries
         .iter()
         .map(|e| {
@@ -45,16 +79,23 @@ pub(super) fn activity_rows(entries: &[AuditEntry]) -> Vec<ActivityRow> {
             .flatten()
             .collect::<Vec<_>>()
             .join(" · ");
+            let subject_id = r.subject_user.clone().unwrap_or_default();
             ActivityRow {
                 seq: e.seq,
                 at: when(r.at),
-                actor: format!("{} {} ({})", r.actor_type, r.actor_id, r.auth_method),
+                actor: format!("{} {} ({})", r.actor_type, name(&r.actor_id), r.auth_method),
+                actor_id: r.actor_id.clone(),
                 action: r.action.clone(),
                 target,
                 scopes: r.scopes.clone().unwrap_or_default(),
                 decision: r.decision.clone(),
                 reason: r.reason.clone().unwrap_or_default(),
-                subject: r.subject_user.clone().unwrap_or_default(),
+                subject: if subject_id.is_empty() {
+                    String::new()
+                } else {
+                    name(&subject_id)
+                },
+                subject_id,
             }
         })
         .collect()
@@ -257,7 +298,7 @@ pub async fn page(s: S, v: Viewer, Query(f): Query<Filters>) -> Response {
             Ok(mut entries) => {
                 let more = entries.len() as i64 > PAGE;
                 entries.truncate(PAGE as usize);
-                (StatusCode::OK, activity_rows(&entries), more)
+                (StatusCode::OK, activity_rows(&s, &entries).await, more)
             }
             Err(_) => return unavailable(),
         },

@@ -477,7 +477,7 @@ async fn agent_page(
             connections: connections.iter().map(|c| c.name.clone()).collect(),
             form,
             editing,
-            recent: activity_rows(&recent),
+            recent: activity_rows(s, &recent).await,
             agent,
         },
     )

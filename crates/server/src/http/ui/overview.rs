@@ -67,7 +67,7 @@ pub async fn page(s: S, v: Viewer) -> Response {
             chart_svg: chart.svg,
             legend: chart.legend,
             released: chart.total,
-            recent: activity_rows(&recent),
+            recent: activity_rows(&s, &recent).await,
         },
     )
 }
