@@ -77,7 +77,8 @@ impl ConfigCache {
     }
 
     /// Through the cache when a request is decided at a revision (`at`), else straight from
-    /// the store (`load`).
+    /// the store (`load`): the entry under `key`, or what `load` finds (stored if the cache is
+    /// still at `at`).
     pub(super) async fn through<K, V, F>(
         &self,
         at: Option<i64>,
@@ -90,25 +91,9 @@ impl ConfigCache {
         V: Clone,
         F: Future<Output = StoreResult<Option<V>>>,
     {
-        match at {
-            Some(at) => self.get(at, pick, key, load).await,
-            None => load.await,
-        }
-    }
-
-    /// The entry under `key`, or what `load` finds (stored if the cache is still at `at`).
-    async fn get<K, V, F>(
-        &self,
-        at: i64,
-        pick: Pick<K, V>,
-        key: K,
-        load: F,
-    ) -> StoreResult<Option<V>>
-    where
-        K: Hash + Eq,
-        V: Clone,
-        F: Future<Output = StoreResult<Option<V>>>,
-    {
+        let Some(at) = at else {
+            return load.await;
+        };
         {
             let mut g = self.inner.lock().expect("config cache lock");
             if let Some(v) = pick(&mut g).get(&key) {
@@ -164,38 +149,38 @@ mod tests {
         let pick: Pick<String, Connection> = |g| &mut g.connections;
         // Loaded at 5 while the cache is at 5: kept, and answered without loading again.
         cache
-            .get(5, pick, "a".into(), found(conn("a")))
+            .through(Some(5), pick, "a".into(), found(conn("a")))
             .await
             .unwrap();
         let again = cache
-            .get(5, pick, "a".into(), async { Ok(None) })
+            .through(Some(5), pick, "a".into(), async { Ok(None) })
             .await
             .unwrap();
         assert_eq!(again.unwrap().id, "con_a");
         // A request that started at 5 finishes its load after the cache moved to 6: not kept.
         cache.advance(6);
         cache
-            .get(5, pick, "b".into(), found(conn("b")))
+            .through(Some(5), pick, "b".into(), found(conn("b")))
             .await
             .unwrap();
         let b = cache
-            .get(6, pick, "b".into(), async { Ok(None) })
+            .through(Some(6), pick, "b".into(), async { Ok(None) })
             .await
             .unwrap();
         assert!(b.is_none(), "an entry loaded at an older revision leaked");
         // Moving forward forgot `a`; moving back is ignored.
         let a = cache
-            .get(6, pick, "a".into(), async { Ok(None) })
+            .through(Some(6), pick, "a".into(), async { Ok(None) })
             .await
             .unwrap();
         assert!(a.is_none());
         cache
-            .get(6, pick, "c".into(), found(conn("c")))
+            .through(Some(6), pick, "c".into(), found(conn("c")))
             .await
             .unwrap();
         cache.advance(4);
         let c = cache
-            .get(6, pick, "c".into(), async { Ok(None) })
+            .through(Some(6), pick, "c".into(), async { Ok(None) })
             .await
             .unwrap();
         assert!(
@@ -211,13 +196,13 @@ mod tests {
         let pick: Pick<String, Connection> = |g| &mut g.connections;
         assert!(
             cache
-                .get(1, pick, "x".into(), async { Ok(None) })
+                .through(Some(1), pick, "x".into(), async { Ok(None) })
                 .await
                 .unwrap()
                 .is_none()
         );
         let x = cache
-            .get(1, pick, "x".into(), found(conn("x")))
+            .through(Some(1), pick, "x".into(), found(conn("x")))
             .await
             .unwrap();
         assert_eq!(x.unwrap().id, "con_x");

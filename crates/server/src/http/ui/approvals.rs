@@ -226,10 +226,9 @@ pub async fn decide(
         .await;
     match result {
         Ok(_) => Redirect::to(&format!("/ui/approvals/{id}")).into_response(),
-        Err(DecideError::NotFound) => not_found(&v, "approval request"),
         Err(e) => {
             let status = match e {
-                DecideError::NotFound => StatusCode::NOT_FOUND,
+                DecideError::NotFound => return not_found(&v, "approval request"),
                 DecideError::NotPending(_) => StatusCode::CONFLICT,
                 DecideError::StepUpRequired | DecideError::NoSecondFactor => StatusCode::FORBIDDEN,
                 DecideError::WrongCode => StatusCode::UNAUTHORIZED,
