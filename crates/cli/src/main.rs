@@ -1,6 +1,7 @@
 //! `latchkey`: the server, the demo, administration of the configured store, and the
 //! agent-side `token` command — one binary.
 
+mod mcp;
 mod token;
 
 use std::path::PathBuf;
@@ -114,6 +115,12 @@ enum Command {
         after_help = "Example:\n  TOKEN=$(latchkey token --issuer https://127.0.0.1:8750/ --ca-cert latchkey-data/tls/ca.pem \\\n      --client-id agt_… --key latchkey-data/demo-agent.key --user usr_… --connection demo-git)"
     )]
     Token(token::TokenArgs),
+    /// Agent side: Latchkey's MCP server on stdio (a bridge to the server's /mcp, holding only
+    /// the agent's key). Point an MCP client's "command" at it.
+    #[command(
+        after_help = "Example (an MCP client's server entry):\n  latchkey mcp --issuer https://127.0.0.1:8750/ --ca-cert latchkey-data/tls/ca.pem \\\n      --client-id agt_… --key latchkey-data/demo-agent.key --user demo"
+    )]
+    Mcp(mcp::McpArgs),
 }
 
 #[derive(Args)]
@@ -367,6 +374,10 @@ enum AgentCmd {
         /// Exchanges per day (UTC) for one user on the connection, as --user-per-minute.
         #[arg(long, value_name = "N")]
         user_per_day: Option<u32>,
+        /// Let the MCP server's `get_access_token` tool hand this agent the raw upstream
+        /// token (off by default: MCP agents call the API through Latchkey instead).
+        #[arg(long)]
+        allow_token_tool: bool,
     },
     /// Remove an agent's (or app's) grant for a connection.
     #[command(after_help = "Example:\n  latchkey agent ungrant agt_… --connection demo-git")]
@@ -679,6 +690,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve(g, &args, false).await,
         Command::Demo(args) => serve(g, &args, true).await,
         Command::Token(args) => token::run(args).await,
+        Command::Mcp(args) => mcp::run(args).await,
         Command::Connection(ConnectionCmd::Providers { json }) => {
             print_providers(json);
             Ok(())
@@ -955,9 +967,11 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
             per_day,
             user_per_minute,
             user_per_day,
+            allow_token_tool,
         }) => {
             let mut policy = GrantPolicy {
                 max_lifetime,
+                token_tool: allow_token_tool,
                 quotas: Quotas {
                     agent_per_minute: per_minute,
                     agent_per_day: per_day,
@@ -1284,6 +1298,7 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
         Command::Serve(_)
         | Command::Demo(_)
         | Command::Token(_)
+        | Command::Mcp(_)
         | Command::Connection(ConnectionCmd::Providers { .. }) => unreachable!("handled by run"),
     }
     Ok(())

@@ -53,15 +53,7 @@ pub async fn run(args: TokenArgs) -> Result<()> {
     if !issuer.ends_with('/') {
         issuer.push('/');
     }
-    let pem = std::fs::read_to_string(&args.key)
-        .with_context(|| format!("reading {}", args.key.display()))?;
-    let alg = match &args.alg {
-        Some(a) => a
-            .parse()
-            .map_err(|_| anyhow::anyhow!("unknown algorithm `{a}`"))?,
-        None => guess_alg(&pem).context("the key file is not a PKCS#8 private key")?,
-    };
-    let key = SigningKey::from_pem(&pem, alg, None)?;
+    let key = agent_key(&args.key, args.alg.as_deref())?;
     let now = SystemClock.now();
     let jti = || uuid::Uuid::new_v4().to_string();
     let subject = key.sign(
@@ -71,10 +63,7 @@ pub async fn run(args: TokenArgs) -> Result<()> {
             "iat": now, "exp": now + 60, "jti": jti(), "audit_context": args.audit_context,
         }),
     );
-    let assertion = key.sign(
-        None,
-        &serde_json::json!({"iss": args.client_id, "sub": args.client_id, "aud": issuer, "iat": now, "exp": now + 60, "jti": jti()}),
-    );
+    let assertion = client_assertion(&key, &args.client_id, &issuer);
     let mut form = vec![
         ("grant_type", GRANT_TOKEN_VAULT.to_owned()),
         ("client_id", args.client_id.clone()),
@@ -91,13 +80,7 @@ pub async fn run(args: TokenArgs) -> Result<()> {
     if let Some(s) = &args.scope {
         form.push(("scope", s.clone()));
     }
-    let mut client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
-    if let Some(ca) = &args.ca_cert {
-        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        client = client.tls_certs_merge([reqwest::Certificate::from_pem(&pem)?]);
-    }
-    let resp = client
-        .build()?
+    let resp = http_client(args.ca_cert.as_deref())?
         .post(format!("{issuer}oauth/token"))
         .form(&form)
         .send()
@@ -127,4 +110,39 @@ pub async fn run(args: TokenArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The agent's private key from a PKCS#8 PEM file; the algorithm from `alg` or the key.
+pub(crate) fn agent_key(path: &std::path::Path, alg: Option<&str>) -> Result<SigningKey> {
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let alg = match alg {
+        Some(a) => a
+            .parse()
+            .map_err(|_| anyhow::anyhow!("unknown algorithm `{a}`"))?,
+        None => guess_alg(&pem).context("the key file is not a PKCS#8 private key")?,
+    };
+    Ok(SigningKey::from_pem(&pem, alg, None)?)
+}
+
+/// A fresh `private_key_jwt` client assertion (RFC 7523) for `issuer`, valid one minute.
+pub(crate) fn client_assertion(key: &SigningKey, client_id: &str, issuer: &str) -> String {
+    let now = SystemClock.now();
+    key.sign(
+        None,
+        &serde_json::json!({
+            "iss": client_id, "sub": client_id, "aud": issuer, "iat": now, "exp": now + 60,
+            "jti": uuid::Uuid::new_v4().to_string(),
+        }),
+    )
+}
+
+/// An HTTP client for calling Latchkey, trusting `ca` (its local CA) besides the system's.
+pub(crate) fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client> {
+    let mut client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(90));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        client = client.tls_certs_merge([reqwest::Certificate::from_pem(&pem)?]);
+    }
+    Ok(client.build()?)
 }

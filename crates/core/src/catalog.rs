@@ -211,6 +211,14 @@ pub fn refresh_needs_scope(conn: &Connection) -> bool {
     provider(&conn.provider).is_some_and(|p| p.refresh_needs_scope)
 }
 
+/// Where `conn`'s API lives (what `/proxy/{connection}/…` forwards to): the connection's own
+/// setting, else the demo provider's API under the issuer.
+pub fn api_base_url(conn: &Connection, issuer: &str) -> Option<String> {
+    conn.api_base_url
+        .clone()
+        .or_else(|| (conn.provider == DEMO).then(|| format!("{issuer}{}", demo_paths::API)))
+}
+
 /// Endpoints for `conn`; `client_secret` is the already-opened secret.
 pub fn endpoints(
     conn: &Connection,

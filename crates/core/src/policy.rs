@@ -638,6 +638,10 @@ pub struct GrantPolicy {
     pub max_lifetime: Option<i64>,
     #[serde(default, skip_serializing_if = "Quotas::is_empty")]
     pub quotas: Quotas,
+    /// Whether the MCP server's `get_access_token` tool may hand the raw upstream token to
+    /// the agent. Off by default: agents on MCP call APIs through Latchkey instead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub token_tool: bool,
     /// Set when the stored policy could not be read back (never stored): the grant then
     /// releases nothing until an operator sets its policy again.
     #[serde(skip)]
@@ -1177,13 +1181,14 @@ mod tests {
                 agent_per_minute: Some(5),
                 ..Quotas::default()
             },
+            token_tool: true,
             unreadable: None,
         };
         p.validate(&scopes).unwrap();
         let json = p.to_json();
         assert_eq!(
             json,
-            r#"{"risk":{"repo":"critical"},"hours":["mon-fri 09:00-18:00 Europe/Berlin"],"max_lifetime":600,"quotas":{"agent_per_minute":5}}"#
+            r#"{"risk":{"repo":"critical"},"hours":["mon-fri 09:00-18:00 Europe/Berlin"],"max_lifetime":600,"quotas":{"agent_per_minute":5},"token_tool":true}"#
         );
         assert_eq!(GrantPolicy::from_stored(&json), p);
         assert_eq!(GrantPolicy::default().to_json(), "{}");

@@ -396,14 +396,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// The release of a token, in one transaction: check that the configuration is still at
     /// `revision` when one is given (else [`ReleaseError::Stale`]), consume every `jti` (a
-    /// unique insert; a duplicate is [`ReleaseError::Replay`]), check the account is still
-    /// active and stamp its last use, and append the audit record. Nothing is written unless
-    /// all of it is.
+    /// unique insert; a duplicate is [`ReleaseError::Replay`]), check the account (when the
+    /// release has one) is still active and stamp its last use, and append the audit record.
+    /// Nothing is written unless all of it is.
     async fn commit_release(
         &self,
         revision: Option<i64>,
         jtis: &[JtiUse],
-        account_id: &str,
+        account_id: Option<&str>,
         audit: &AuditRecord,
     ) -> Result<(), ReleaseError>;
     async fn purge_expired_jtis(&self, now: i64) -> StoreResult<u64>;

@@ -61,6 +61,12 @@ pub struct Config {
     pub approvals_pending_per_user: i64,
     /// Pending approval requests one agent may have at a time (more: 429).
     pub approvals_pending_per_agent: i64,
+    /// Largest request body an agent may send through `/proxy` (bytes; more: 413).
+    pub proxy_max_request_bytes: usize,
+    /// Largest answer a provider may send back through `/proxy` (bytes; more is cut).
+    pub proxy_max_response_bytes: u64,
+    /// Deadline for a whole call through `/proxy`, answer included, in seconds.
+    pub proxy_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -88,6 +94,9 @@ impl Default for Config {
             step_up_minutes: 5,
             approvals_pending_per_user: 10,
             approvals_pending_per_agent: 20,
+            proxy_max_request_bytes: 10 * 1024 * 1024,
+            proxy_max_response_bytes: 50 * 1024 * 1024,
+            proxy_timeout_secs: 60,
         }
     }
 }

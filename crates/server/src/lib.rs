@@ -168,7 +168,7 @@ impl Server {
             Some(p) => Some(std::fs::read(p)?),
             None => None,
         };
-        let vault = open_vault(config, &issuer, options.clock.clone(), extra_root).await?;
+        let vault = open_vault(config, &issuer, options.clock.clone(), extra_root.clone()).await?;
         let demo = if options.demo {
             let secret = demo::demo_client_secret(&vault).await?;
             Some(DemoProvider::new(
@@ -187,10 +187,15 @@ impl Server {
         } else {
             None
         };
-        let router = http::router(
-            http::AppState::new(vault.clone(), tls.is_some()),
-            demo.as_ref(),
-        );
+        let limits = http::ProxyLimits {
+            max_request_bytes: config.proxy_max_request_bytes,
+            max_response_bytes: config.proxy_max_response_bytes,
+            timeout: Duration::from_secs(config.proxy_timeout_secs.max(1)),
+        };
+        let state =
+            http::AppState::new(vault.clone(), tls.is_some(), limits, extra_root.as_deref())
+                .map_err(anyhow::Error::msg)?;
+        let router = http::router(state, demo.as_ref());
         Ok(Self {
             vault,
             issuer,

@@ -264,11 +264,7 @@ async fn client_and_policy_errors() {
     // Grant type and token types.
     rejects(
         &ts,
-        &with(
-            ts.exchange_params(),
-            "grant_type",
-            Some("client_credentials"),
-        ),
+        &with(ts.exchange_params(), "grant_type", Some("password")),
         400,
         "unsupported_grant_type",
     )

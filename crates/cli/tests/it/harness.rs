@@ -451,6 +451,24 @@ impl TestServer {
         self.cli_ok(&args);
     }
 
+    /// The demo agent's own Latchkey access token for the agent API (`client_credentials`
+    /// with `private_key_jwt`).
+    pub async fn agent_token(&self) -> String {
+        let params: Vec<(String, String)> = [
+            ("grant_type", "client_credentials".to_owned()),
+            ("client_id", self.info.agent_id.clone()),
+            ("client_assertion_type", JWT_BEARER.to_owned()),
+            ("client_assertion", self.assertion(json!({}))),
+            ("resource", self.url("/mcp")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let answer = self.post_form(&params).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        answer.token().to_owned()
+    }
+
     /// Call the demo provider's API with an upstream token.
     pub async fn demo_api(&self, token: &str, path: &str) -> (StatusCode, Value) {
         let resp = self

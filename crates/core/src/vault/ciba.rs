@@ -758,6 +758,7 @@ impl Vault {
         let release = super::exchange::Release {
             agent,
             method: client.method,
+            action: "token.release",
             user_id: &a.user_id,
             connection: &connection,
             account_id: &account.id,

@@ -7,7 +7,7 @@ use super::*;
 pub(super) struct AuthenticatedClient {
     pub(super) agent: Agent,
     pub(super) method: &'static str,
-    keys: Option<Arc<Vec<PublicKey>>>,
+    pub(super) keys: Option<Arc<Vec<PublicKey>>>,
     pub(super) assertion_jti: Option<JtiUse>,
 }
 
@@ -48,7 +48,7 @@ const MAX_REFUSAL_REASON: usize = 300;
 /// Longest claimed client id recorded for a failed client authentication.
 const MAX_CLAIMED_ID: usize = 64;
 
-fn cut(s: &str, max: usize) -> String {
+pub(super) fn cut(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_owned(),
@@ -90,6 +90,8 @@ pub(super) struct Release<'a> {
     pub agent: &'a Agent,
     /// How the agent authenticated.
     pub method: &'static str,
+    /// `token.release` (an exchange) or `proxy.request` (an API call through Latchkey).
+    pub action: &'static str,
     pub user_id: &'a str,
     pub connection: &'a Connection,
     pub account_id: &'a str,
@@ -244,6 +246,7 @@ impl Vault {
                     .await
             }
             super::ciba::GRANT_CIBA => self.ciba_grant(params, &client, ctx, attempt).await,
+            "client_credentials" => self.client_credentials_grant(params, client, ctx).await,
             "authorization_code" | "refresh_token" => Err(OAuthError::unauthorized_client(
                 "this client is not an app with redirect URIs",
             )),
@@ -358,7 +361,7 @@ impl Vault {
         })
     }
 
-    async fn agent_public_keys(
+    pub(super) async fn agent_public_keys(
         &self,
         at: Option<i64>,
         agent_id: &str,
@@ -554,128 +557,33 @@ impl Vault {
                 )));
             }
         };
-        attempt.subject_user = Some(subject.user_id.clone());
-        attempt.audit_context.clone_from(&subject.audit_context);
-
-        // Policy: deny unless a grant covers (agent, connection, scopes) and the address.
-        let connection = self
-            .hot
-            .through(
-                at,
-                |g| &mut g.connections,
-                connection_name.to_owned(),
-                self.store.connection_by_name(connection_name),
-            )
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| {
-                OAuthError::invalid_request(format!(
-                    "connection `{connection_name}` does not exist"
-                ))
-            })?;
-        attempt.connection = Some(connection.name.clone());
-        let grant = self.grant_of(at, agent, &connection).await?;
-        if !grant.ip_allowlist.is_empty()
-            && !ctx
-                .client_ip
-                .is_some_and(|ip| ip_allowed(ip, &grant.ip_allowlist))
-        {
-            return Err(OAuthError::unauthorized_client(
-                "the request comes from an address the grant does not allow",
-            ));
-        }
-        let wanted = match params.get("scope") {
-            Some(s) => {
-                let s = Scopes::parse(s);
-                if s.is_empty() {
-                    return Err(OAuthError::invalid_scope("scope is empty"));
-                }
-                if !s.is_subset(&grant.scopes) {
-                    return Err(OAuthError::invalid_scope(format!(
-                        "scope outside the agent's grant: {}",
-                        s.missing_from(&grant.scopes).join(" ")
-                    )));
-                }
-                s
-            }
-            None => grant.scopes.clone(),
-        };
-
-        // An active account means the user exists (deleting a user deletes their accounts in
-        // the same transaction); the user is looked up only to say why there is none.
         let user_id = subject.user_id.as_str();
-        let account = match self
-            .pick_account(user_id, &connection, params.get("login_hint"))
-            .await
-        {
-            Ok(account) => account,
-            Err(e) => {
-                if self
-                    .store
-                    .user_by_id(user_id)
-                    .await
-                    .map_err(store_err)?
-                    .is_none()
-                {
-                    return Err(OAuthError::invalid_grant(format!(
-                        "subject_token names an unknown user `{user_id}`"
-                    )));
-                }
-                return Err(e);
-            }
-        };
-        attempt.account_id = Some(account.id.clone());
-        let scope = if params.get("scope").is_some() {
-            if !wanted.is_subset(&account.scopes) {
-                return Err(OAuthError::invalid_scope(format!(
-                    "the user has not consented to {}; they must reconnect {connection_name} at {}",
-                    wanted.missing_from(&account.scopes).join(" "),
-                    self.config.connect_uri(connection_name)
-                )));
-            }
-            wanted
-        } else {
-            let s = wanted.intersection(&account.scopes);
-            if s.is_empty() {
-                return Err(OAuthError::invalid_scope(format!(
-                    "none of the granted scopes were consented by the user; they must reconnect {connection_name}"
-                )));
-            }
-            s
-        };
-
-        // Policy beyond the scopes: the grant's hours, its quotas, and the risk of what would
-        // be released (an approval for medium and above). Refusals name the rule.
-        let quota = self.grant_policy_gate(&grant, &connection, user_id)?;
-        let policy = &grant.policy;
-        let assessment =
-            crate::policy::assess(&scope, catalog::risk_table(&connection), &policy.risk);
-        let approval = if assessment.requirement().approval {
-            Some(
-                self.approval_gate(&crate::policy::ApprovalRequest {
-                    agent_id: agent.id.clone(),
-                    user_id: user_id.to_owned(),
-                    connection: connection.name.clone(),
-                    scopes: scope.clone(),
-                    risk: assessment.risk,
-                    scope_risks: assessment.scopes.clone(),
-                    requirement: assessment.requirement(),
-                    request_hash: crate::policy::request_hash(
-                        &agent.id,
-                        user_id,
-                        &connection.name,
-                        &scope,
-                    ),
-                    binding_message: params.get("binding_message").map(str::to_owned),
-                    authorization_details: params.get("authorization_details").map(str::to_owned),
-                    audit_context: subject.audit_context.clone(),
-                    login_hint: params.get("login_hint").map(str::to_owned),
-                })
-                .await?,
+        let decided = self
+            .decide(
+                &Ask {
+                    agent,
+                    user_id,
+                    audit_context: subject.audit_context.as_deref(),
+                    connection: connection_name,
+                    scope: params.get("scope"),
+                    login_hint: params.get("login_hint"),
+                    binding_message: params.get("binding_message"),
+                    authorization_details: params.get("authorization_details"),
+                    call: None,
+                },
+                ctx,
+                attempt,
             )
-        } else {
-            None
-        };
+            .await?;
+        let Decided {
+            connection,
+            account,
+            scope,
+            policy,
+            quota,
+            approval,
+            risk,
+        } = decided;
 
         let (access_token, expires_at) = self
             .fresh_access_token(
@@ -707,8 +615,7 @@ impl Vault {
         }) = approval
         {
             approval_note = format!(
-                "; risk {}, approved by {approved_by} ({approval_id}{})",
-                assessment.risk,
+                "; risk {risk}, approved by {approved_by} ({approval_id}{})",
                 if single_use.is_some() {
                     ", single use"
                 } else {
@@ -723,6 +630,7 @@ impl Vault {
         let release = Release {
             agent,
             method: client.method,
+            action: "token.release",
             user_id,
             connection: &connection,
             account_id: &account.id,
@@ -772,7 +680,7 @@ impl Vault {
             actor_id: r.agent.id.clone(),
             auth_method: r.method.into(),
             subject_user: Some(r.user_id.to_owned()),
-            action: "token.release".into(),
+            action: r.action.into(),
             connection: Some(r.connection.name.clone()),
             account_id: Some(r.account_id.to_owned()),
             agent_id: Some(r.agent.id.clone()),
@@ -790,7 +698,7 @@ impl Vault {
         };
         match self
             .store
-            .commit_release(r.revision, r.jtis, r.account_id, &audit)
+            .commit_release(r.revision, r.jtis, Some(r.account_id), &audit)
             .await
         {
             Ok(()) => Ok(()),
@@ -914,7 +822,173 @@ impl Vault {
         })
     }
 
-    fn check_subject(&self, c: &Claims, agent_id: &str) -> Result<Subject, String> {
+    /// The release decision shared by the token exchange and the agent API (proxy, MCP): the
+    /// connection, the agent's grant (deny by default) and address, the scopes (requested ⊆
+    /// grant ⊆ consent), the user's account, the grant's hours and quotas, and the approval
+    /// the risk calls for. Refusals name the rule. Nothing is released yet.
+    pub(super) async fn decide(
+        &self,
+        ask: &Ask<'_>,
+        ctx: &RequestContext,
+        attempt: &mut Attempt,
+    ) -> Result<Decided<'_>, OAuthError> {
+        let (agent, user_id, connection_name) = (ask.agent, ask.user_id, ask.connection);
+        let at = attempt.revision;
+        attempt.subject_user = Some(user_id.to_owned());
+        attempt.audit_context = ask.audit_context.map(str::to_owned);
+
+        let connection = self
+            .hot
+            .through(
+                at,
+                |g| &mut g.connections,
+                connection_name.to_owned(),
+                self.store.connection_by_name(connection_name),
+            )
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                OAuthError::invalid_request(format!(
+                    "connection `{connection_name}` does not exist"
+                ))
+            })?;
+        attempt.connection = Some(connection.name.clone());
+        let grant = self.grant_of(at, agent, &connection).await?;
+        if !grant.ip_allowlist.is_empty()
+            && !ctx
+                .client_ip
+                .is_some_and(|ip| ip_allowed(ip, &grant.ip_allowlist))
+        {
+            return Err(OAuthError::unauthorized_client(
+                "the request comes from an address the grant does not allow",
+            ));
+        }
+        let wanted = match ask.scope {
+            Some(s) => {
+                let s = Scopes::parse(s);
+                if s.is_empty() {
+                    return Err(OAuthError::invalid_scope("scope is empty"));
+                }
+                if !s.is_subset(&grant.scopes) {
+                    return Err(OAuthError::invalid_scope(format!(
+                        "scope outside the agent's grant: {}",
+                        s.missing_from(&grant.scopes).join(" ")
+                    )));
+                }
+                s
+            }
+            None => grant.scopes.clone(),
+        };
+
+        // An active account means the user exists (deleting a user deletes their accounts in
+        // the same transaction); the user is looked up only to say why there is none.
+        let account = match self
+            .pick_account(user_id, &connection, ask.login_hint)
+            .await
+        {
+            Ok(account) => account,
+            Err(e) => {
+                if self
+                    .store
+                    .user_by_id(user_id)
+                    .await
+                    .map_err(store_err)?
+                    .is_none()
+                {
+                    return Err(OAuthError::invalid_grant(format!(
+                        "the request names an unknown user `{user_id}`"
+                    )));
+                }
+                return Err(e);
+            }
+        };
+        attempt.account_id = Some(account.id.clone());
+        let scope = if ask.scope.is_some() {
+            if !wanted.is_subset(&account.scopes) {
+                return Err(OAuthError::invalid_scope(format!(
+                    "the user has not consented to {}; they must reconnect {connection_name} at {}",
+                    wanted.missing_from(&account.scopes).join(" "),
+                    self.config.connect_uri(connection_name)
+                )));
+            }
+            wanted
+        } else {
+            let s = wanted.intersection(&account.scopes);
+            if s.is_empty() {
+                return Err(OAuthError::invalid_scope(format!(
+                    "none of the granted scopes were consented by the user; they must reconnect {connection_name}"
+                )));
+            }
+            s
+        };
+
+        // Policy beyond the scopes: the grant's hours, its quotas, and the risk of what would
+        // be released (an approval for medium and above).
+        let quota = self.grant_policy_gate(&grant, &connection, user_id)?;
+        let assessment =
+            crate::policy::assess(&scope, catalog::risk_table(&connection), &grant.policy.risk);
+        let approval = if assessment.requirement().approval {
+            // An API call through Latchkey is approved as that call (method and path); an
+            // exchange, as the scopes it releases.
+            let (request_hash, authorization_details) = match &ask.call {
+                None => (
+                    crate::policy::request_hash(&agent.id, user_id, &connection.name, &scope),
+                    ask.authorization_details.map(str::to_owned),
+                ),
+                Some(call) => {
+                    let details = serde_json::json!([{
+                        "type": "api_call",
+                        "connection": connection.name,
+                        "method": call.method,
+                        "path": call.path,
+                    }]);
+                    let scopes: Vec<&str> = scope.iter().collect();
+                    let canonical = serde_json::json!([
+                        agent.id,
+                        user_id,
+                        connection.name,
+                        scopes,
+                        call.method,
+                        call.path
+                    ]);
+                    (
+                        super::ciba::request_digest(&canonical),
+                        Some(details.to_string()),
+                    )
+                }
+            };
+            Some(
+                self.approval_gate(&crate::policy::ApprovalRequest {
+                    agent_id: agent.id.clone(),
+                    user_id: user_id.to_owned(),
+                    connection: connection.name.clone(),
+                    scopes: scope.clone(),
+                    risk: assessment.risk,
+                    scope_risks: assessment.scopes.clone(),
+                    requirement: assessment.requirement(),
+                    request_hash,
+                    binding_message: ask.binding_message.map(str::to_owned),
+                    authorization_details,
+                    audit_context: ask.audit_context.map(str::to_owned),
+                    login_hint: ask.login_hint.map(str::to_owned),
+                })
+                .await?,
+            )
+        } else {
+            None
+        };
+        Ok(Decided {
+            connection,
+            account,
+            scope,
+            policy: grant.policy,
+            quota,
+            approval,
+            risk: assessment.risk,
+        })
+    }
+
+    pub(super) fn check_subject(&self, c: &Claims, agent_id: &str) -> Result<Subject, String> {
         let s = |n: &str| c.str(n).map_err(|e| e.to_string());
         if s("iss")? != agent_id {
             return Err("`iss` must be the client id".into());
@@ -995,13 +1069,51 @@ impl Vault {
     }
 }
 
+/// What an agent asks to be released (see [`Vault::decide`]).
+pub(super) struct Ask<'a> {
+    pub agent: &'a Agent,
+    pub user_id: &'a str,
+    /// The agent's stated reason (privileged workers).
+    pub audit_context: Option<&'a str>,
+    /// The connection's name.
+    pub connection: &'a str,
+    /// The requested scopes (space-separated); `None` for all the grant allows and the user
+    /// consented to.
+    pub scope: Option<&'a str>,
+    pub login_hint: Option<&'a str>,
+    pub binding_message: Option<&'a str>,
+    pub authorization_details: Option<&'a str>,
+    /// Set when the token is for one API call made through Latchkey.
+    pub call: Option<ApiCall<'a>>,
+}
+
+/// An API call Latchkey makes for an agent: what its approval is bound to.
+#[derive(Clone, Copy, Debug)]
+pub struct ApiCall<'a> {
+    pub method: &'a str,
+    /// The path relative to the provider's API base URL, without the query.
+    pub path: &'a str,
+}
+
+/// A release that policy allows (see [`Vault::decide`]).
+pub(super) struct Decided<'q> {
+    pub connection: Connection,
+    pub account: ConnectedAccount,
+    pub scope: Scopes,
+    pub policy: crate::policy::GrantPolicy,
+    /// Given back unless kept once the release commits.
+    pub quota: crate::rate::QuotaReservation<'q>,
+    pub approval: Option<crate::policy::ApprovalOutcome>,
+    pub risk: crate::policy::Risk,
+}
+
 /// Who an exchange is for, and what must be recorded about the request.
-struct Subject {
-    user_id: String,
+pub(super) struct Subject {
+    pub user_id: String,
     /// The agent's stated reason (privileged workers), recorded in the audit entry.
-    audit_context: Option<String>,
+    pub audit_context: Option<String>,
     /// The subject token's single-use identifier, consumed with the release.
-    jti: Option<JtiUse>,
+    pub jti: Option<JtiUse>,
 }
 
 fn valid_jti(c: &Claims) -> Result<String, String> {
@@ -1018,7 +1130,7 @@ fn jws_reason(e: &JwsError) -> String {
 
 /// Read a string claim from a JWS payload *without verifying it* — only to find whose keys to
 /// verify with.
-fn peek_str_claim(token: &str, name: &str) -> Option<String> {
+pub(super) fn peek_str_claim(token: &str, name: &str) -> Option<String> {
     use base64::Engine;
     if token.len() > latchkey_crypto::jws::MAX_JWS_LEN {
         return None;

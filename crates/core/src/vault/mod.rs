@@ -41,6 +41,7 @@ use crate::store::{
 use crate::upstream::{Endpoints, Upstream, UpstreamError, UpstreamTokens};
 
 mod admin;
+mod agent_api;
 mod approvals;
 mod audit;
 mod ciba;
@@ -54,10 +55,15 @@ mod users;
 mod webhooks;
 
 pub use admin::{AdminError, NewClient, OPERATOR_TOKEN_PREFIX, RevokeOutcome};
+pub use agent_api::{
+    AGENT_TOKEN_TTL, AgentAccount, AgentCaller, AgentConnection, ApprovalState, CallOutcome,
+    CallToken, USER_HEADER,
+};
 pub use approvals::{ApprovalDecision, DecideError, Decider};
 pub use audit::AuditVerification;
 pub use ciba::{ApprovalSettings, BackchannelResponse, GRANT_CIBA};
 pub use connect::ConnectDone;
+pub use exchange::ApiCall;
 pub use exchange::parse_cidr;
 pub use my_account::Problem;
 pub use oidc::{ACCESS_TOKEN_TYP, AccessToken, Authorize, MFA_ACR, MY_ACCOUNT_SCOPES};

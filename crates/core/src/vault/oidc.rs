@@ -485,14 +485,16 @@ impl Vault {
         ))
     }
 
-    /// Audiences Latchkey issues access tokens for: itself, the My Account API (by refresh
-    /// only), and the APIs registered as resource servers.
+    /// Audiences Latchkey issues access tokens for: itself, the agent API (`/proxy`, `/mcp`:
+    /// the app then acts for the signed-in user), the My Account API (by refresh only), and
+    /// the APIs registered as resource servers.
     pub(super) async fn known_audience(
         &self,
         audience: &str,
         allow_my_account: bool,
     ) -> Result<bool, OAuthError> {
         if audience == self.config.issuer
+            || audience == self.agent_resource()
             || (allow_my_account && audience == format!("{}me/", self.config.issuer))
         {
             return Ok(true);

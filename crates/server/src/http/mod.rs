@@ -4,9 +4,11 @@
 mod admin;
 mod approvals;
 mod errors;
+mod mcp;
 mod my_account;
 mod oauth;
 mod ops;
+mod proxy;
 mod ui;
 mod web;
 
@@ -19,7 +21,7 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use latchkey_core::Vault;
 use latchkey_demo::DemoProvider;
@@ -34,16 +36,28 @@ pub struct AppState {
     pub tls: bool,
     /// The dashboard's last verification of the audit chain.
     pub ui: Arc<ui::ChainCache>,
+    /// The credential-injecting proxy's client and limits.
+    pub proxy: Arc<proxy::Proxy>,
 }
 
+pub use proxy::ProxyLimits;
+
 impl AppState {
-    pub fn new(vault: Arc<Vault>, tls: bool) -> Self {
-        Self {
+    /// `extra_root_pem`: a CA the proxy trusts besides the system's (the local CA, so that
+    /// the demo provider's API is reachable over TLS).
+    pub fn new(
+        vault: Arc<Vault>,
+        tls: bool,
+        limits: ProxyLimits,
+        extra_root_pem: Option<&[u8]>,
+    ) -> Result<Self, String> {
+        Ok(Self {
             vault,
             metrics: prometheus(),
             tls,
             ui: Arc::default(),
-        }
+            proxy: limits.shared(extra_root_pem)?,
+        })
     }
 }
 
@@ -117,9 +131,12 @@ pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
         .route("/account", get(web::account))
         .route("/connect/{connection}/callback", get(web::connect_callback))
         .route("/connect/{connection}", get(web::connect_start))
+        .route("/proxy/{connection}", any(proxy::proxy))
+        .route("/proxy/{connection}/{*path}", any(proxy::proxy))
         .nest("/api/v1", admin::router())
         .nest("/ui", ui::router())
-        .with_state(state.clone());
+        .with_state(state.clone())
+        .merge(mcp::router(state.clone()));
     if let Some(demo) = demo {
         app = app.nest("/demo", demo.router());
     }

@@ -25,7 +25,7 @@ pub async fn discovery(State(s): State<AppState>) -> Response {
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["RS256"],
             "code_challenge_methods_supported": ["S256"],
-            "grant_types_supported": [GRANT_TOKEN_VAULT, "authorization_code", "refresh_token", GRANT_CIBA],
+            "grant_types_supported": [GRANT_TOKEN_VAULT, "authorization_code", "refresh_token", "client_credentials", GRANT_CIBA],
             "backchannel_authentication_endpoint": format!("{issuer}bc-authorize"),
             "backchannel_token_delivery_modes_supported": ["poll"],
             "backchannel_user_code_parameter_supported": false,

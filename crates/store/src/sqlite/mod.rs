@@ -1363,14 +1363,14 @@ impl Store for SqliteStore {
         &self,
         revision: Option<i64>,
         jtis: &[JtiUse],
-        account_id: &str,
+        account_id: Option<&str>,
         audit: &AuditRecord,
     ) -> Result<(), ReleaseError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job = release::ReleaseJob {
             revision,
             jtis: jtis.to_vec(),
-            account_id: account_id.to_owned(),
+            account_id: account_id.map(str::to_owned),
             audit: audit.clone(),
             reply,
         };

@@ -51,7 +51,8 @@ pub(super) struct ReleaseJob {
     /// The configuration revision the release was decided at, if the caller used a cache.
     pub revision: Option<i64>,
     pub jtis: Vec<JtiUse>,
-    pub account_id: String,
+    /// The account whose token is released, if one is (an agent's own token has none).
+    pub account_id: Option<String>,
     pub audit: AuditRecord,
     pub reply: oneshot::Sender<Result<(), ReleaseError>>,
 }
@@ -234,20 +235,22 @@ fn release_one(
             return Err(ReleaseError::Replay(i));
         }
     }
-    let state: Option<(bool, Option<i64>)> = conn
-        .prepare_cached(ACCOUNT_STATE)
-        .and_then(|mut q| {
-            q.query_row([&job.account_id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()
-        })
-        .map_err(sqlite)?;
-    let Some((true, last_used)) = state else {
-        return Err(ReleaseError::AccountInactive);
-    };
-    if last_used.is_none_or(|t| job.audit.at - t >= LAST_USED_RESOLUTION) {
-        conn.prepare_cached(ACCOUNT_TOUCH)
-            .and_then(|mut q| q.execute(params![job.audit.at, job.account_id]))
+    if let Some(account_id) = &job.account_id {
+        let state: Option<(bool, Option<i64>)> = conn
+            .prepare_cached(ACCOUNT_STATE)
+            .and_then(|mut q| {
+                q.query_row([account_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
             .map_err(sqlite)?;
+        let Some((true, last_used)) = state else {
+            return Err(ReleaseError::AccountInactive);
+        };
+        if last_used.is_none_or(|t| job.audit.at - t >= LAST_USED_RESOLUTION) {
+            conn.prepare_cached(ACCOUNT_TOUCH)
+                .and_then(|mut q| q.execute(params![job.audit.at, account_id]))
+                .map_err(sqlite)?;
+        }
     }
     append_audit(conn, sink, &job.audit)?;
     Ok(())

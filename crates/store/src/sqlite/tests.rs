@@ -171,7 +171,7 @@ async fn release_consumes_jtis_atomically() {
     s.commit_release(
         None,
         &[j("a:1"), j("s:1")],
-        "cac_1",
+        Some("cac_1"),
         &audit("token.release"),
     )
     .await
@@ -181,7 +181,7 @@ async fn release_consumes_jtis_atomically() {
         s.commit_release(
             None,
             &[j("a:2"), j("s:1")],
-            "cac_1",
+            Some("cac_1"),
             &audit("token.release")
         )
         .await,
@@ -190,7 +190,7 @@ async fn release_consumes_jtis_atomically() {
     s.commit_release(
         None,
         &[j("a:2"), j("s:2")],
-        "cac_1",
+        Some("cac_1"),
         &audit("token.release"),
     )
     .await
@@ -210,7 +210,7 @@ async fn release_consumes_jtis_atomically() {
             .unwrap()
     );
     assert!(matches!(
-        s.commit_release(None, &[j("s:3")], "cac_1", &audit("token.release"))
+        s.commit_release(None, &[j("s:3")], Some("cac_1"), &audit("token.release"))
             .await,
         Err(ReleaseError::AccountInactive)
     ));
@@ -392,7 +392,7 @@ async fn refresh_work_is_claimed_once_and_covers_every_reason() {
     s.commit_release(
         None,
         &[j],
-        "cac_1",
+        Some("cac_1"),
         &AuditRecord {
             at: 50,
             ..audit("token.release")
@@ -897,6 +897,7 @@ async fn a_grant_keeps_its_policy_and_an_unreadable_one_releases_nothing() {
             user_per_day: Some(7),
             ..Quotas::default()
         },
+        token_tool: false,
         unreadable: None,
     };
     let mut g = Grant {
@@ -956,7 +957,12 @@ async fn a_release_decided_at_a_stale_revision_writes_nothing() {
     let entries = s.list_audit(100).await.unwrap().len();
 
     let refused = s
-        .commit_release(Some(stale), &[j("a:1")], "cac_1", &audit("token.release"))
+        .commit_release(
+            Some(stale),
+            &[j("a:1")],
+            Some("cac_1"),
+            &audit("token.release"),
+        )
         .await;
     assert!(
         matches!(refused, Err(ReleaseError::Stale(now)) if now == current),
@@ -970,9 +976,14 @@ async fn a_release_decided_at_a_stale_revision_writes_nothing() {
     assert_eq!(s.list_audit(100).await.unwrap().len(), entries);
 
     // At the current revision the same release goes through, chained after the others.
-    s.commit_release(Some(current), &[j("a:1")], "cac_1", &audit("token.release"))
-        .await
-        .unwrap();
+    s.commit_release(
+        Some(current),
+        &[j("a:1")],
+        Some("cac_1"),
+        &audit("token.release"),
+    )
+    .await
+    .unwrap();
     let log = s.list_audit(100).await.unwrap();
     assert_eq!(log.len(), entries + 1);
     assert_eq!(log[0].record.action, "token.release");

@@ -298,6 +298,9 @@ pub struct GrantForm {
     /// Addresses or CIDR blocks, whitespace- or comma-separated.
     #[serde(default)]
     ips: String,
+    /// The checkbox: `on` when the MCP `get_access_token` tool may release raw tokens.
+    #[serde(default)]
+    token_tool: String,
 }
 
 impl GrantForm {
@@ -330,6 +333,7 @@ impl GrantForm {
             user_per_minute: n(g.policy.quotas.user_per_minute),
             user_per_day: n(g.policy.quotas.user_per_day),
             ips: g.ip_allowlist.join(" "),
+            token_tool: if g.policy.token_tool { "on" } else { "" }.into(),
             ..Default::default()
         }
     }
@@ -353,6 +357,7 @@ impl GrantForm {
                 user_per_minute: number(&self.user_per_minute, "User per minute")?,
                 user_per_day: number(&self.user_per_day, "User per day")?,
             },
+            token_tool: self.token_tool == "on",
             ..GrantPolicy::default()
         };
         for line in self.risk.lines().map(str::trim).filter(|l| !l.is_empty()) {
