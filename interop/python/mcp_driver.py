@@ -3,7 +3,8 @@ Streamable HTTP or stdio.
 
 Usage:
   mcp_driver.py http URL [--header 'Name: value']... [--cafile PATH] [--mode MODE] [--timeout S]
-  mcp_driver.py stdio [--mode MODE] [--timeout S] -- COMMAND ARGS...
+                        [--elicitation]
+  mcp_driver.py stdio [--mode MODE] [--timeout S] [--elicitation] -- COMMAND ARGS...
 
 http: POSTs to URL with the given headers on every request (e.g. 'Authorization: Bearer ...'),
 trusting only the CA in --cafile when given (else the system's). stdio: starts COMMAND as a child
@@ -14,12 +15,16 @@ passed through to ours.
 2026-07-28 lifecycle, and fall back to the `initialize` handshake), 'legacy' (always the
 `initialize` handshake) or a modern protocol version such as '2026-07-28' (adopted without a
 probe). --timeout bounds each MCP request, in seconds (default 60), so a stuck server fails the
-driver instead of hanging it.
+driver instead of hanging it. --elicitation makes the client declare elicitation (form and URL
+mode, as the SDK does when given an elicitation callback; the callback declines anything the
+server asks in-band).
 
 Line protocol, one JSON object per line on stdout (flushed after each):
   -> {"step": "tools", "tools": [names...], "protocol": negotiated version}   once connected
   <- {"tool": NAME, "args": {...}}                                            on stdin, any number
   -> {"step": "result", "is_error": bool, "structured": ..., "text": "..."}  one per tool line
+  -> {"step": "elicitation", "message": ..., "elicitations": [...]}           instead, when the
+     server answers a tool call with "URL elicitation required" (-32042)
 End of stdin: the connection is closed and the driver exits 0.
 Any failure (including a JSON-RPC error answering a tool call):
   -> {"step": "error", "type": ..., "message": ..., "code": JSON-RPC code or null}, exit code 1.
@@ -35,7 +40,8 @@ import httpx2
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
+from mcp_types import URL_ELICITATION_REQUIRED, ElicitResult
 
 USAGE = (
     "usage: mcp_driver.py http URL [--header 'Name: value']... [--cafile PATH] [--mode MODE]"
@@ -66,11 +72,17 @@ def parse_args(argv):
         rest, command = rest[:cut], rest[cut + 1 :]
         if not command:
             raise UsageError("stdio needs a COMMAND after '--'")
-    opts = {"url": None, "headers": {}, "cafile": None, "mode": "auto", "timeout": 60.0, "command": command}
+    opts = {
+        "url": None, "headers": {}, "cafile": None, "mode": "auto", "timeout": 60.0, "command": command,
+        "elicitation": False,
+    }
     i = 0
     while i < len(rest):
         arg = rest[i]
-        if arg in ("--header", "--cafile", "--mode", "--timeout"):
+        if arg == "--elicitation":
+            opts["elicitation"] = True
+            i += 1
+        elif arg in ("--header", "--cafile", "--mode", "--timeout"):
             if i + 1 >= len(rest):
                 raise UsageError(f"{arg} needs a value")
             value = rest[i + 1]
@@ -118,7 +130,18 @@ async def serve_lines(client):
         if not isinstance(request, dict) or not isinstance(request.get("tool"), str):
             raise ValueError(f"want {{\"tool\": NAME, \"args\": {{...}}}}, got {line.strip()!r}")
         args = request.get("args") or {}
-        result = await client.call_tool(request["tool"], args)
+        try:
+            result = await client.call_tool(request["tool"], args)
+        except MCPError as e:
+            if e.code != URL_ELICITATION_REQUIRED:
+                raise
+            asked = UrlElicitationRequiredError.from_error(e.error)
+            emit({
+                "step": "elicitation",
+                "message": asked.message,
+                "elicitations": [x.model_dump(by_alias=True, exclude_none=True) for x in asked.elicitations],
+            })
+            continue
         emit(result_line(result))
 
 
@@ -138,9 +161,19 @@ async def run(transport, opts):
         await session(make_client(params, opts))
 
 
+async def decline(_context, _params):
+    return ElicitResult(action="decline")
+
+
 def make_client(server, opts):
     # No response cache: every line is a fresh call to the server.
-    return Client(server, mode=opts["mode"], read_timeout_seconds=opts["timeout"], cache=None)
+    return Client(
+        server,
+        mode=opts["mode"],
+        read_timeout_seconds=opts["timeout"],
+        cache=None,
+        elicitation_callback=decline if opts["elicitation"] else None,
+    )
 
 
 async def session(client):

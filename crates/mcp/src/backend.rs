@@ -28,6 +28,11 @@ pub struct ToolFailure {
     /// Not an object (say `null`): nothing is merged; any other non-object value is kept
     /// under `detail`.
     pub data: Value,
+    /// A page the user must visit before the call can succeed (connect an account, grant a
+    /// scope). A client that declared URL-mode elicitation gets the failure as a JSON-RPC
+    /// `-32042` "URL elicitation required" error naming this URL, so it can open the page
+    /// for the user; other clients get the ordinary error result.
+    pub elicit_url: Option<String>,
 }
 
 /// The failure kind used when [`ToolFailure::data`] names none.
@@ -39,7 +44,14 @@ impl ToolFailure {
         Self {
             message: message.into(),
             data,
+            elicit_url: None,
         }
+    }
+
+    /// The same failure, asking clients that can for a URL-mode elicitation of `url`.
+    pub fn with_url_elicitation(mut self, url: impl Into<String>) -> Self {
+        self.elicit_url = Some(url.into());
+        self
     }
 
     /// A failure of kind `error` (the `error` field of the structured content) with no other

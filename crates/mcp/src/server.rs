@@ -156,6 +156,40 @@ fn parse<T: DeserializeOwned>(tool: &str, arguments: Option<JsonObject>) -> Resu
         .map_err(|e| ErrorData::invalid_params(format!("invalid arguments for {tool}: {e}"), None))
 }
 
+/// JSON-RPC error code of "URL elicitation required" (MCP 2025-11-25, `URL_ELICITATION_REQUIRED`).
+pub const URL_ELICITATION_REQUIRED: i32 = -32042;
+
+/// Whether the client declared URL-mode elicitation: in this request's `_meta` (2026-07-28,
+/// no sessions), else at `initialize` (earlier revisions, stdio).
+fn url_elicitation_supported(
+    meta: Option<&rmcp::model::RequestMetaObject>,
+    context: &RequestContext<RoleServer>,
+) -> bool {
+    meta.and_then(|m| m.client_capabilities())
+        .or_else(|| context.meta.client_capabilities())
+        .or_else(|| context.peer.peer_info().map(|i| i.capabilities.clone()))
+        .and_then(|c| c.elicitation)
+        .is_some_and(|e| e.url.is_some())
+}
+
+/// The failure as a URL elicitation the client shows the user (`-32042`, one elicitation).
+fn url_elicitation_required(failure: &ToolFailure, url: &str) -> ErrorData {
+    use std::hash::{BuildHasher, Hasher};
+    // Identifies this elicitation to the client; no meaning beyond that.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(url.as_bytes());
+    let id = format!("lk-{:016x}", h.finish());
+    ErrorData::new(
+        rmcp::model::ErrorCode(URL_ELICITATION_REQUIRED),
+        failure.message.clone(),
+        Some(serde_json::json!({
+            "elicitations": [{
+                "mode": "url", "elicitationId": id, "url": url, "message": failure.message,
+            }],
+        })),
+    )
+}
+
 fn not_authenticated() -> ToolResult {
     Err(ToolFailure::kind(
         "not_authenticated",
@@ -210,9 +244,15 @@ impl<B: Backend> ServerHandler for McpServer<B> {
     ) -> Result<CallToolResponse, ErrorData> {
         let caller = self.caller(&context);
         let name: Cow<'static, str> = request.name;
+        let meta = request.meta.clone();
         let result = self.dispatch(&name, request.arguments, caller).await?;
         if let Err(failure) = &result {
             tracing::debug!(tool = %name, error = %failure.structured()["error"], "tool call failed");
+            if let Some(url) = &failure.elicit_url
+                && url_elicitation_supported(meta.as_ref(), &context)
+            {
+                return Err(url_elicitation_required(failure, url));
+            }
         }
         Ok(to_call_tool_result(result).into())
     }

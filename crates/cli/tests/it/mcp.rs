@@ -70,13 +70,18 @@ impl Driver {
     }
 
     async fn call(&mut self, tool: &str, args: Value) -> Value {
+        self.call_expecting(tool, args, "result").await
+    }
+
+    /// A tool call answered with `step` ("result", or "elicitation" for a -32042 error).
+    async fn call_expecting(&mut self, tool: &str, args: Value, step: &str) -> Value {
         let line = json!({"tool": tool, "args": args}).to_string();
         self.stdin
             .write_all(format!("{line}\n").as_bytes())
             .await
             .unwrap();
         self.stdin.flush().await.unwrap();
-        self.next("result").await
+        self.next(step).await
     }
 
     fn stderr(&self) -> String {
@@ -84,11 +89,14 @@ impl Driver {
     }
 }
 
+/// Over HTTP the client declares URL-mode elicitation: a missing connection comes as a
+/// "URL elicitation required" error naming the connect URL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mcp_python_sdk_over_streamable_http() {
     let ts = TestServer::start().await;
     let token = ts.agent_token().await;
     let args = vec![
+        "--elicitation".into(),
         ts.url("/mcp"),
         "--header".into(),
         format!("Authorization: Bearer {token}"),
@@ -98,13 +106,49 @@ async fn mcp_python_sdk_over_streamable_http() {
         ts.ca_path.display().to_string(),
     ];
     let driver = Driver::start(&ts, "http", &args).await;
-    scenario(&ts, driver).await;
+    scenario(&ts, driver, true).await;
 }
 
+/// Over stdio the client declares no elicitation: a missing connection is an error result
+/// with the connect URL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mcp_python_sdk_over_stdio() {
     let ts = TestServer::start().await;
-    let args = vec![
+    let driver = Driver::start(&ts, "stdio", &stdio_args(&ts, false)).await;
+    scenario(&ts, driver, false).await;
+}
+
+/// The URL elicitation also crosses the stdio bridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_url_elicitation_over_stdio() {
+    let ts = TestServer::start().await;
+    let mut d = Driver::start(&ts, "stdio", &stdio_args(&ts, true)).await;
+    d.next("tools").await;
+    let asked = d
+        .call_expecting(
+            "request_connection",
+            json!({"connection": "demo-git"}),
+            "elicitation",
+        )
+        .await;
+    assert_eq!(asked["elicitations"][0]["mode"], "url", "{asked}");
+    assert_eq!(
+        asked["elicitations"][0]["url"],
+        ts.url("/connect/demo-git").as_str()
+    );
+    ts.connect_demo_account().await;
+    let ok = d
+        .call("request_connection", json!({"connection": "demo-git"}))
+        .await;
+    assert_eq!(ok["structured"]["connected"], true, "{ok}");
+}
+
+fn stdio_args(ts: &TestServer, elicitation: bool) -> Vec<String> {
+    let mut args: Vec<String> = Vec::new();
+    if elicitation {
+        args.push("--elicitation".into());
+    }
+    args.extend([
         "--".into(),
         env!("CARGO_BIN_EXE_latchkey").into(),
         "mcp".into(),
@@ -118,12 +162,12 @@ async fn mcp_python_sdk_over_stdio() {
         ts.info.agent_key.display().to_string(),
         "--user".into(),
         ts.info.username.clone(),
-    ];
-    let driver = Driver::start(&ts, "stdio", &args).await;
-    scenario(&ts, driver).await;
+    ]);
+    args
 }
 
-async fn scenario(ts: &TestServer, mut d: Driver) {
+/// `elicitation`: whether the client declared URL-mode elicitation.
+async fn scenario(ts: &TestServer, mut d: Driver, elicitation: bool) {
     let tools = d.next("tools").await;
     let mut names: Vec<&str> = tools["tools"]
         .as_array()
@@ -150,21 +194,30 @@ async fn scenario(ts: &TestServer, mut d: Driver) {
     assert_eq!(conns[0]["connection"], "demo-git", "{listed}");
     assert_eq!(conns[0]["accounts"], json!([]));
     let connect_url = ts.url("/connect/demo-git");
-    let missing = d
-        .call(
+    for (tool, args) in [
+        (
             "call_api",
             json!({"connection": "demo-git", "path": "/user"}),
-        )
-        .await;
-    assert_eq!(missing["is_error"], true, "{missing}");
-    assert_eq!(missing["structured"]["error"], "not_connected");
-    assert_eq!(missing["structured"]["connect_url"], connect_url.as_str());
-    assert!(missing["text"].as_str().unwrap().contains(&connect_url));
-    let asked = d
-        .call("request_connection", json!({"connection": "demo-git"}))
-        .await;
-    assert_eq!(asked["structured"]["connected"], false, "{asked}");
-    assert_eq!(asked["structured"]["connect_url"], connect_url.as_str());
+        ),
+        ("request_connection", json!({"connection": "demo-git"})),
+    ] {
+        if elicitation {
+            let asked = d.call_expecting(tool, args, "elicitation").await;
+            let e = &asked["elicitations"][0];
+            assert_eq!(
+                (e["mode"].as_str(), e["url"].as_str()),
+                (Some("url"), Some(connect_url.as_str())),
+                "{asked}"
+            );
+            assert!(asked["message"].as_str().unwrap().contains(&connect_url));
+        } else {
+            let missing = d.call(tool, args).await;
+            assert_eq!(missing["is_error"], true, "{missing}");
+            assert_eq!(missing["structured"]["error"], "not_connected");
+            assert_eq!(missing["structured"]["connect_url"], connect_url.as_str());
+            assert!(missing["text"].as_str().unwrap().contains(&connect_url));
+        }
+    }
 
     ts.connect_demo_account().await;
     let listed = d.call("list_connections", json!({})).await;

@@ -151,7 +151,8 @@ fn failure(e: &OAuthError) -> ToolFailure {
                 connect.rsplit('/').next().unwrap_or("the account")
             ),
             json!({"error": "not_connected", "connect_url": connect}),
-        ),
+        )
+        .with_url_elicitation(connect.clone()),
         _ => ToolFailure::new(e.description.clone(), json!({"error": e.code})),
     }
 }
@@ -254,23 +255,27 @@ impl Backend for VaultTools {
             .connection_needs(&c.caller, &args.connection, args.scopes.as_deref())
             .await
             .map_err(|e| failure(&e))?;
-        let connected = missing.is_empty();
-        let message = if connected {
+        if missing.is_empty() {
+            return Ok(json!({
+                "connection": args.connection, "connected": true, "missing_scopes": [],
+                "connect_url": connect_url,
+                "message": format!("The user's {} account is connected with the scopes asked for.", args.connection),
+            }));
+        }
+        // Not there yet: an error result with the URL, or for a client that can open it, a
+        // URL elicitation.
+        Err(ToolFailure::new(
             format!(
-                "The user's {} account is connected with the scopes asked for.",
-                args.connection
-            )
-        } else {
-            format!(
-                "Ask the user to open {connect_url} to connect {} (missing: {}).",
+                "Ask the user to open {connect_url} to connect {} (missing: {}), then call again.",
                 args.connection,
                 missing.join(" ")
-            )
-        };
-        Ok(json!({
-            "connection": args.connection, "connected": connected,
-            "missing_scopes": missing, "connect_url": connect_url, "message": message,
-        }))
+            ),
+            json!({
+                "error": "not_connected", "connection": args.connection, "connected": false,
+                "missing_scopes": missing, "connect_url": connect_url,
+            }),
+        )
+        .with_url_elicitation(connect_url))
     }
 
     async fn request_approval(&self, c: &McpCaller, args: RequestApprovalArgs) -> ToolResult {
