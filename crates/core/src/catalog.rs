@@ -393,9 +393,19 @@ pub fn complete(new: &mut NewConnection) -> Result<(), String> {
     Ok(())
 }
 
-/// A provider URL must be https; http only to a loopback host.
+/// A provider URL must be https (http only to a loopback host), with a host, and without
+/// credentials or backslashes (`https://api.example.com@evil.example/` names evil.example).
 pub fn check_url(what: &str, url: &str) -> Result<(), String> {
     let parsed = url::Url::parse(url).map_err(|_| format!("{what} `{url}` is not a URL"))?;
+    if url.contains('\\')
+        || !parsed.username().is_empty()
+        || parsed.password().is_some()
+        || parsed.host().is_none()
+    {
+        return Err(format!(
+            "{what} `{url}` must name a host, without credentials (`user@`) or backslashes"
+        ));
+    }
     let loopback = match parsed.host() {
         Some(url::Host::Domain(d)) => d == "localhost",
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -900,5 +910,26 @@ mod tests {
             .remove("authorization_endpoint");
         assert!(from_discovery(issuer, &missing).is_err());
         assert!(from_discovery("http://idp.example", &json!({})).is_err());
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::check_url;
+
+    #[test]
+    fn provider_urls_name_one_host_plainly() {
+        check_url("API base URL", "https://api.github.com").unwrap();
+        check_url("API base URL", "http://127.0.0.1:8080/api").unwrap();
+        for bad in [
+            "https://api.github.com@evil.example/",
+            "https://user:pw@api.github.com/",
+            "https://api.github.com\\@evil.example/",
+            "http://evil.example/",
+            "file:///etc/passwd",
+            "not a url",
+        ] {
+            assert!(check_url("API base URL", bad).is_err(), "{bad} passed");
+        }
     }
 }

@@ -725,6 +725,29 @@ async fn proxy_attacks_go_nowhere() {
             .contains("answer cut at the proxy's limit")),
         "{answered:?}"
     );
+
+    // A stored API base URL whose host part hides another host (`user@host`, a backslash):
+    // refused when a connection is added (`catalog::check_url`), and never followed if one is
+    // in the database anyway.
+    for base in [
+        format!("http://127.0.0.1:{}@127.0.0.1:{c}", api.port),
+        format!("http://127.0.0.1:{}\\@127.0.0.1:{c}", api.port),
+    ] {
+        set_api_base(&ts, &base).await;
+        let (status, _, body) = json_of(
+            call(&ts, &token, reqwest::Method::GET, "/echo")
+                .await
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (502, Some("bad_gateway")),
+            "{base}: {body}"
+        );
+    }
     assert_eq!(canary.count(), 0, "nothing ever reached the canary");
 }
 
