@@ -160,7 +160,7 @@ impl Vault {
         named_user: Option<&str>,
         ctx: &RequestContext,
     ) -> Result<AgentCaller, OAuthError> {
-        let result = self.agent_credentials(bearer, named_user).await;
+        let result = self.verify_agent_bearer(bearer, named_user).await;
         if let Err(e) = &result
             && e.code == "invalid_token"
         {
@@ -197,7 +197,7 @@ impl Vault {
         result
     }
 
-    async fn agent_credentials(
+    async fn verify_agent_bearer(
         &self,
         bearer: &str,
         named_user: Option<&str>,
