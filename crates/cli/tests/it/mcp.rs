@@ -324,3 +324,62 @@ async fn scenario(ts: &TestServer, mut d: Driver, elicitation: bool) {
             >= 3
     );
 }
+
+/// `/mcp` is a protected resource (RFC 9728): no bearer, no MCP; the metadata names Latchkey
+/// as its authorization server; a foreign Origin is refused even with a good token.
+#[tokio::test]
+async fn mcp_endpoint_is_a_protected_resource() {
+    let ts = TestServer::start().await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"}}});
+    let resp = ts
+        .http
+        .post(ts.url("/mcp"))
+        .header("accept", "application/json, text/event-stream")
+        .json(&init)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let challenge = resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let metadata_url = ts.url("/.well-known/oauth-protected-resource/mcp");
+    assert!(challenge.contains(&metadata_url), "{challenge}");
+    let metadata: Value = ts
+        .http
+        .get(&metadata_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(metadata["resource"], ts.url("/mcp").as_str());
+    assert_eq!(metadata["authorization_servers"], json!([ts.issuer]));
+
+    let token = ts.agent_token().await;
+    let post = |origin: Option<&str>| {
+        let mut r = ts
+            .http
+            .post(ts.url("/mcp"))
+            .bearer_auth(&token)
+            .header("latchkey-user", &ts.info.username)
+            .header("accept", "application/json, text/event-stream")
+            .json(&init);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    let ok = post(None).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let body: Value = ok.json().await.unwrap();
+    assert_eq!(body["result"]["serverInfo"]["name"], "latchkey", "{body}");
+    assert_eq!(
+        post(Some("https://evil.example")).await.unwrap().status(),
+        403
+    );
+}

@@ -213,12 +213,6 @@ pub async fn proxy(
     {
         return too_large_request(limits.max_request_bytes);
     }
-    // Read before anything goes out: an oversized body is refused without a connection, and
-    // the body can be sent again after a refresh.
-    let body = match axum::body::to_bytes(body, limits.max_request_bytes).await {
-        Ok(b) => b,
-        Err(_) => return too_large_request(limits.max_request_bytes),
-    };
     let ctx = context(&meta);
     let caller = match state
         .vault
@@ -227,6 +221,12 @@ pub async fn proxy(
     {
         Ok(c) => c,
         Err(e) => return refusal(&e),
+    };
+    // Read (only for an authenticated caller) before anything goes out: an oversized body is
+    // refused without a connection, and the body can be sent again after a refresh.
+    let body = match axum::body::to_bytes(body, limits.max_request_bytes).await {
+        Ok(b) => b,
+        Err(_) => return too_large_request(limits.max_request_bytes),
     };
     let call = ApiCall {
         method: parts.method.as_str(),
