@@ -354,10 +354,25 @@ impl Vault {
                 retry_after,
             ));
         }
-        let mut attempt = Attempt::default();
-        let result = self
-            .call_release(caller, connection, scope, call, ctx, &mut attempt)
-            .await;
+        // Decided through the configuration cache, as the token exchange is: the release
+        // commits only if the configuration is still what the decision read, else it is
+        // decided again.
+        let mut decisions = 0;
+        let (result, attempt) = loop {
+            let mut attempt = Attempt::default();
+            attempt.revision = Some(self.hot.begin(&*self.store).await.map_err(store_err)?);
+            let result = self
+                .call_release(caller, connection, scope, call, ctx, &mut attempt)
+                .await;
+            decisions += 1;
+            if let (Err(_), Some(at)) = (&result, attempt.revision)
+                && decisions < super::exchange::MAX_DECISIONS
+                && self.config_moved_since(at).await
+            {
+                continue;
+            }
+            break (result, attempt);
+        };
         let outcome = match &result {
             Ok(_) => "released",
             Err(e) => e.code,
@@ -472,7 +487,7 @@ impl Vault {
                 audit_context: caller.audit_context.clone(),
                 ctx,
                 jtis: &jtis,
-                revision: None,
+                revision: attempt.revision,
             },
             |i| {
                 if Some(i) == approval_index {
@@ -562,7 +577,13 @@ impl Vault {
             client_ip: ctx.client_ip.map(|ip| ip.to_string()),
             notify: None,
         };
-        if let Err(err) = self.store.append_audit(&audit).await {
+        // Through the release writer (nothing to consume, no account to check): it commits
+        // many entries per transaction under load.
+        if let Err(err) = self.store.commit_release(None, &[], None, &audit).await {
+            let err = match err {
+                ReleaseError::Store(e) => e.to_string(),
+                other => format!("{other:?}"),
+            };
             tracing::warn!(error = %err, "the audit entry of a proxied call's answer could not be written");
         }
     }

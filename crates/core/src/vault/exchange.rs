@@ -25,12 +25,12 @@ pub(super) struct Attempt {
     pub(super) scopes: Option<String>,
     audit_context: Option<String>,
     /// The configuration revision the request was decided at, when it read the cache.
-    revision: Option<i64>,
+    pub(super) revision: Option<i64>,
 }
 
 /// How many times one token request is decided, at most, when the configuration changes under
 /// it (see `hot.rs`).
-const MAX_DECISIONS: usize = 3;
+pub(super) const MAX_DECISIONS: usize = 3;
 
 impl Attempt {
     /// A request whose client authentication failed before anything else was learnt.
@@ -744,7 +744,7 @@ impl Vault {
 
     /// Whether the configuration has moved past `at` (then the cache forgets what it held).
     /// A store that cannot answer counts as not moved: the answer already in hand stands.
-    async fn config_moved_since(&self, at: i64) -> bool {
+    pub(super) async fn config_moved_since(&self, at: i64) -> bool {
         match self.store.config_revision().await {
             Ok(now) if now != at => {
                 self.hot.advance(now);
