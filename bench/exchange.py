@@ -223,33 +223,33 @@ def connect_demo_account(base: str, ca: Path, demo: dict) -> None:
     s = https_session(ca)
     nxt = f"/connect/{CONNECTION}"
 
-    r = expect(s.get(base + "login", params={"next": nxt}, allow_redirects=False), (200,), "GET /login")
+    r = expect(s.get(base + "login", params={"next": nxt}, allow_redirects=False, timeout=10), (200,), "GET /login")
     csrf = hidden(r.text, "csrf")
     r = s.post(
         base + "login",
         data={"username": demo["username"], "password": demo["password"], "csrf": csrf, "next": nxt},
-        allow_redirects=False,
+        allow_redirects=False, timeout=10,
     )
     expect(r, (303,), "POST /login")
     if "latchkey_session" not in s.cookies:
         raise SystemExit("POST /login did not set latchkey_session")
 
-    r = expect(s.get(base + f"connect/{CONNECTION}", allow_redirects=False), (303,), "GET /connect")
+    r = expect(s.get(base + f"connect/{CONNECTION}", allow_redirects=False, timeout=10), (303,), "GET /connect")
     authorize = urllib.parse.urljoin(base, r.headers["Location"])
     if not authorize.startswith(base):
         raise SystemExit(f"unexpected authorize URL (must stay on 127.0.0.1): {authorize}")
 
-    r = expect(s.get(authorize, allow_redirects=False), (200,), "GET demo authorize")
+    r = expect(s.get(authorize, allow_redirects=False, timeout=10), (200,), "GET demo authorize")
     consent = hidden(r.text, "consent")
     r = s.post(
-        base + "demo/oauth/authorize", data={"consent": consent, "decision": "approve"}, allow_redirects=False
+        base + "demo/oauth/authorize", data={"consent": consent, "decision": "approve"}, allow_redirects=False, timeout=10
     )
     expect(r, (302, 303), "POST demo authorize")
     callback = urllib.parse.urljoin(base, r.headers["Location"])
     if not callback.startswith(base + f"connect/{CONNECTION}/callback"):
         raise SystemExit(f"unexpected callback URL: {callback}")
 
-    r = expect(s.get(callback, allow_redirects=False), (303,), f"GET /connect/{CONNECTION}/callback")
+    r = expect(s.get(callback, allow_redirects=False, timeout=10), (303,), f"GET /connect/{CONNECTION}/callback")
     if f"connected={CONNECTION}" not in r.headers.get("Location", ""):
         raise SystemExit(f"callback redirected to {r.headers.get('Location')!r}, expected ...connected={CONNECTION}")
 
@@ -361,8 +361,12 @@ def _sign_range(args: tuple[str, str, int, int]) -> list[str]:
 
 
 class Signer:
+    """Signs request bodies for `ctx`'s agent: batches in `workers` forked processes, single
+    bodies and client assertions in this one (`workers=0`: no pool, single ones only)."""
+
     def __init__(self, ctx: dict, workers: int):
-        self.pool = mp.get_context("fork").Pool(workers, initializer=_signer_init, initargs=(ctx,))
+        self.pool = (mp.get_context("fork").Pool(workers, initializer=_signer_init, initargs=(ctx,))
+                     if workers else None)
         self.workers = workers
         self.seq = 0
         _signer_init(ctx)  # for single bodies in this process
@@ -370,7 +374,13 @@ class Signer:
     def one(self, tag: str, mode: str = "secret") -> str:
         return _sign_range((mode, tag, 0, 1))[0]
 
+    def assertion(self, jti: str) -> str:
+        """A `private_key_jwt` client assertion alone (e.g. for `grant_type=client_credentials`)."""
+        return _client_assertion(jti)
+
     def batch(self, tag: str, n: int, mode: str = "secret") -> tuple[list[str], float]:
+        if self.pool is None:
+            raise RuntimeError("Signer(workers=0) signs single bodies only")
         t0 = time.monotonic()
         chunk = max(1, min(2000, math.ceil(n / (self.workers * 8))))
         jobs = [(mode, tag, i, min(chunk, n - i)) for i in range(0, n, chunk)]
@@ -380,8 +390,9 @@ class Signer:
         return bodies, time.monotonic() - t0
 
     def close(self) -> None:
-        self.pool.close()
-        self.pool.join()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
 
 
 # --------------------------------------------------------------------------------------------

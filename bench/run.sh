@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Latchkey load benchmark: token exchange vs. bare GET /healthz, on 127.0.0.1 only.
+# Latchkey load benchmarks, on 127.0.0.1 only.
 #   bash bench/run.sh [exchange.py options, e.g. --duration 10 --connections 32 --no-append]
-#   BENCH_SKIP_BUILD=1 bash bench/run.sh   # benchmark the binary already in target/release
+#       token exchange vs. bare GET /healthz (bench/exchange.py)
+#   bash bench/run.sh proxy [proxy.py options, e.g. --duration 10 --no-append]
+#       proxy call vs. direct demo API call vs. bare GET /healthz (bench/proxy.py)
+#   BENCH_SKIP_BUILD=1 bash bench/run.sh [proxy]   # benchmark the binary already in target/release
 # Sets up bench/.venv (requests, cryptography), installs wrk from Debian if missing, builds the
-# release binary, then runs bench/exchange.py. Every step is bounded in time.
+# release binary, then runs the benchmark. Every step is bounded in time.
 set -euo pipefail
+
+SCRIPT="exchange.py"
+case "${1:-}" in
+  proxy) SCRIPT="proxy.py"; shift ;;
+  exchange) shift ;;
+esac
 
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$BENCH_DIR/.." && pwd)"
@@ -36,4 +45,5 @@ fi
 
 # exchange.py bounds itself: each wrk run is -d seconds (default 10), setup and signing
 # are limited by the 60 s subject-token age; the whole run takes well under 2 minutes.
-exec timeout 600 "$BENCH_DIR/.venv/bin/python" "$BENCH_DIR/exchange.py" "$@"
+# proxy.py runs 3 × (3 s warm-up + 10 s + 5 s on one connection): about 1.5 minutes.
+exec timeout 600 "$BENCH_DIR/.venv/bin/python" "$BENCH_DIR/$SCRIPT" "$@"

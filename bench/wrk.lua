@@ -1,7 +1,9 @@
 -- wrk script for the Latchkey benchmarks.
 --
---   wrk ... -s bench/wrk.lua URL -- get
---       GET the URL's path on every request (the bare /healthz baseline).
+--   wrk ... -s bench/wrk.lua URL -- get [HEADERS_FILE]
+--       GET the URL's path on every request (the bare /healthz baseline). HEADERS_FILE, if
+--       given, holds `Name: value` lines sent with every request (bench/proxy.py puts the
+--       bearer tokens there, so that they appear on no command line and in no log).
 --   wrk ... -s bench/wrk.lua URL -- post BODIES_FILE
 --       POST one pre-signed, form-encoded body per request. BODIES_FILE has one body a line;
 --       each body carries a single-use subject JWT (`jti`), so no line may be sent twice.
@@ -26,6 +28,7 @@ local mode = "get"
 local bodies = {}
 local last = 0
 local path = "/"
+local get_request = nil
 first, pos = 1, 1
 non200 = 0
 exhausted = 0
@@ -34,7 +37,19 @@ responses = 0
 function init(args)
   mode = args[1] or "get"
   path = wrk.path
-  if mode == "post" then
+  if mode == "get" then
+    local headers = {}
+    if args[2] then
+      local file = assert(io.open(args[2], "r"), "cannot open headers file")
+      for line in file:lines() do
+        local name, value = string.match(line, "^([^:]+):%s*(.-)%s*$")
+        if name then headers[name] = value end
+      end
+      file:close()
+    end
+    -- The same request every time: formatted once per thread.
+    get_request = wrk.format("GET", path, headers)
+  elseif mode == "post" then
     local file = assert(io.open(args[2], "r"), "cannot open bodies file")
     for line in file:lines() do
       if #line > 0 then bodies[#bodies + 1] = line end
@@ -50,7 +65,7 @@ end
 
 function request()
   if mode ~= "post" then
-    return wrk.format("GET", path)
+    return get_request
   end
   local body
   if pos <= last then
