@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,6 +24,9 @@ use sqlx::{Row, Sqlite, Transaction};
 mod reads;
 mod release;
 
+use crate::shared::{
+    AuditSettings, AuditSink, SEALED_COLUMNS, audit_entry_event, audit_link, conflict, unavailable,
+};
 use reads::{Columns, Readers, sqlite};
 
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -40,26 +43,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    /// The audit chain's MAC key, once the vault has unsealed it.
-    audit_key: Arc<RwLock<Option<Arc<AuditKey>>>>,
-    /// Whether every entry is also sent as a webhook.
-    audit_webhook: Arc<std::sync::atomic::AtomicBool>,
+    /// The audit chain's MAC key (once the vault has unsealed it) and webhook switch.
+    audit: AuditSettings,
     /// Synchronous readers for the exchange's hot path (see `reads.rs`).
     readers: Arc<Readers>,
     /// The group-commit writer of token releases, a thread of its own (see `release.rs`).
     releases: std::sync::mpsc::Sender<release::ReleaseJob>,
-}
-
-fn unavailable(e: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
-/// Map a unique-constraint violation to `Conflict(what)`.
-fn conflict(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-    move |e| match e.as_database_error() {
-        Some(d) if d.is_unique_violation() => StoreError::Conflict(what.into()),
-        _ => unavailable(e),
-    }
 }
 
 impl SqliteStore {
@@ -81,35 +70,22 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(unavailable)?;
-        let audit_key = Arc::<RwLock<Option<Arc<AuditKey>>>>::default();
-        let audit_webhook = Arc::<std::sync::atomic::AtomicBool>::default();
         // The release writer opens its own connection, once the schema is in place.
         let (releases, jobs) = std::sync::mpsc::channel();
         let store = Self {
             pool,
-            audit_key,
-            audit_webhook,
+            audit: AuditSettings::default(),
             readers: Arc::new(Readers::new(path)),
             releases,
         };
         store.migrate().await?;
-        release::spawn_writer(
-            path,
-            jobs,
-            store.audit_key.clone(),
-            store.audit_webhook.clone(),
-        )?;
+        release::spawn_writer(path, jobs, store.audit.clone())?;
         Ok(store)
     }
 
     /// What [`insert_audit`] needs: the chain key, and whether entries go to the webhook.
     fn audit_sink(&self) -> AuditSink {
-        AuditSink {
-            key: self.audit_key.read().expect("audit key lock").clone(),
-            webhook: self
-                .audit_webhook
-                .load(std::sync::atomic::Ordering::Relaxed),
-        }
+        self.audit.sink()
     }
 
     /// The underlying pool (tests use it to inspect or sabotage the database).
@@ -222,13 +198,6 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
         .map(|_| ())
 }
 
-/// What an audit entry is written with: the chain's MAC key (once the vault unsealed it), and
-/// whether every entry is also sent as a webhook.
-struct AuditSink {
-    key: Option<Arc<AuditKey>>,
-    webhook: bool,
-}
-
 /// The last link of the audit chain: its `seq` and `mac`.
 const AUDIT_LAST: &str = "SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1";
 
@@ -241,50 +210,6 @@ const AUDIT_INSERT: &str = "INSERT INTO audit_events (seq, at, actor_type, actor
 /// A webhook to deliver: event, body, created_at, next_attempt_at.
 const OUTBOX_INSERT: &str = "INSERT INTO webhook_outbox (id, event, body, created_at, next_attempt_at) \
      VALUES ('whk_' || lower(hex(randomblob(16))), ?, ?, ?, ?)";
-
-/// The link after `last` (read with [`AUDIT_LAST`] under the write lock): the next sequence
-/// number and the MAC over it, the record and the previous MAC.
-fn audit_link(
-    sink: &AuditSink,
-    last: Option<(i64, Option<String>)>,
-    a: &AuditRecord,
-) -> Result<(i64, Option<String>), StoreError> {
-    let seq = last.as_ref().map_or(1, |(s, _)| s + 1);
-    let prev = last.as_ref().and_then(|(_, m)| m.as_deref());
-    let mac = match (sink.key.as_deref(), &last) {
-        (Some(k), _) => Some(k.mac(prev, seq, a)),
-        // Before the key is installed, only an unchained beginning may be written.
-        (None, None) | (None, Some((_, None))) => None,
-        (None, Some((_, Some(_)))) => {
-            return Err(StoreError::Unavailable(
-                "the audit chain key is not installed".into(),
-            ));
-        }
-    };
-    Ok((seq, mac))
-}
-
-/// The `audit.entry` webhook of an entry, when the sink sends every entry. (The record's own
-/// `notify` goes to the outbox too.)
-fn audit_entry_event(
-    sink: &AuditSink,
-    seq: i64,
-    a: &AuditRecord,
-    mac: &Option<String>,
-) -> Option<Notification> {
-    sink.webhook.then(|| {
-        let entry = AuditEntry {
-            seq,
-            record: a.clone(),
-            mac: mac.clone(),
-        };
-        Notification {
-            event: "audit.entry".into(),
-            body: serde_json::to_string(&latchkey_core::audit::entry_view(&entry))
-                .unwrap_or_default(),
-        }
-    })
-}
 
 /// Append an entry (and its webhooks, if any) inside `tx`, chained to the last one (see
 /// [`audit_link`]). The write lock of `tx` (`BEGIN IMMEDIATE`) keeps the chain linear. The
@@ -530,17 +455,6 @@ fn audit_row(r: &SqliteRow) -> AuditEntry {
         mac: r.get("mac"),
     }
 }
-
-/// Every sealed column, for key rotation.
-const SEALED_COLUMNS: &[(&str, &str, &str)] = &[
-    ("connected_accounts", "access_token", "id"),
-    ("connected_accounts", "refresh_token", "id"),
-    ("connections", "client_secret", "id"),
-    ("server_secrets", "value", "name"),
-    ("connect_flows", "code_verifier", "state_hash"),
-    ("scoped_tokens", "access_token", "id"),
-    ("users", "totp_seed", "id"),
-];
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -1713,12 +1627,11 @@ impl Store for SqliteStore {
     }
 
     fn enable_audit_webhook(&self) {
-        self.audit_webhook
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.audit.enable_webhook();
     }
 
     fn install_audit_key(&self, key: Arc<AuditKey>) {
-        *self.audit_key.write().expect("audit key lock") = Some(key);
+        self.audit.install_key(key);
     }
 
     async fn chain_unchained_audit(&self) -> StoreResult<usize> {

@@ -23,8 +23,6 @@
 //! file every 100 ms. Commits over 100 ms are logged.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 
 use rusqlite::{OptionalExtension, params};
@@ -83,8 +81,7 @@ fn drain(jobs: &Receiver<ReleaseJob>, batch: &mut Vec<ReleaseJob>) {
 pub(super) fn spawn_writer(
     path: &Path,
     jobs: Receiver<ReleaseJob>,
-    key: Arc<RwLock<Option<Arc<AuditKey>>>>,
-    webhook: Arc<AtomicBool>,
+    audit: AuditSettings,
 ) -> Result<(), StoreError> {
     let opened = |p: &Path| {
         super::reads::open(p, false)
@@ -127,10 +124,7 @@ pub(super) fn spawn_writer(
                     drain(&jobs, &mut batch);
                 }
                 last_batch = batch.len();
-                let sink = AuditSink {
-                    key: key.read().expect("audit key lock").clone(),
-                    webhook: webhook.load(Ordering::Relaxed),
-                };
+                let sink = audit.sink();
                 let started = std::time::Instant::now();
                 let outcomes = write_batch(&conn, &sink, &batch);
                 let took = started.elapsed();
