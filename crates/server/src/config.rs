@@ -174,17 +174,49 @@ impl Config {
         })
     }
 
-    /// The SQLite file, when the database is SQLite.
-    pub fn sqlite_path(&self) -> Result<PathBuf, String> {
+    /// The database: the SQLite file (default `{data_dir}/latchkey.db`), or a PostgreSQL URL.
+    pub fn database(&self) -> Result<Database, String> {
         match &self.database_url {
-            None => Ok(self.data_dir.join("latchkey.db")),
+            None => Ok(Database::Sqlite(self.data_dir.join("latchkey.db"))),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Database::Postgres(url.clone()))
+            }
             Some(url) => url
                 .strip_prefix("sqlite://")
                 .or_else(|| url.strip_prefix("sqlite:"))
-                .map(PathBuf::from)
+                .map(|p| Database::Sqlite(PathBuf::from(p)))
                 .ok_or_else(|| {
-                    format!("unsupported database_url `{url}` (this build supports sqlite:PATH)")
+                    "unsupported database_url: use sqlite:PATH or postgres://USER@HOST:PORT/DB"
+                        .to_owned()
                 }),
+        }
+    }
+}
+
+/// Where the data lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    /// A `postgres://` URL (it may hold a password: never print it whole).
+    Postgres(String),
+}
+
+impl Database {
+    /// How to name it in messages: the SQLite path, or the PostgreSQL host and database
+    /// without credentials.
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Sqlite(p) => p.display().to_string(),
+            Database::Postgres(url) => url::Url::parse(url)
+                .map(|u| {
+                    format!(
+                        "postgres://{}:{}{}",
+                        u.host_str().unwrap_or("?"),
+                        u.port().unwrap_or(5432),
+                        u.path()
+                    )
+                })
+                .unwrap_or_else(|_| "postgres (unparsable URL)".into()),
         }
     }
 }

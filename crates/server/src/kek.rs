@@ -15,9 +15,15 @@ pub fn kek_path(config: &Config) -> PathBuf {
     config.data_dir.join("kek")
 }
 
-/// Load (or, for a new database, create) the KEK. The reloader re-reads a key file after
+/// Load (or, for a new database, create) the KEK. `database_is_new`: nothing is stored yet
+/// (no SQLite file; no data keys in PostgreSQL), so a missing key file may be created; an
+/// existing database without its key stays sealed. The reloader re-reads a key file after
 /// another process rotated it.
-pub fn load(config: &Config, db_path: &Path) -> Result<(Kek, Option<Reloader>)> {
+pub fn load(
+    config: &Config,
+    database_is_new: bool,
+    database: &str,
+) -> Result<(Kek, Option<Reloader>)> {
     if let Some(text) = &config.kek {
         let kek = Kek::decode(text)
             .context("the configured KEK (LATCHKEY_KEK / kek) is not base64 of 32 bytes")?;
@@ -25,11 +31,10 @@ pub fn load(config: &Config, db_path: &Path) -> Result<(Kek, Option<Reloader>)> 
     }
     let path = kek_path(config);
     if !path.exists() {
-        if db_path.exists() {
+        if !database_is_new {
             bail!(
-                "sealed: the database {} exists but its key file {} does not. Restore the key file, or set \
-                 LATCHKEY_KEK_FILE to it",
-                db_path.display(),
+                "sealed: the database {database} exists but its key file {} does not. Restore the key file, or set \
+                 LATCHKEY_KEK_FILE to it (every node of a PostgreSQL deployment needs the same key)",
                 path.display()
             );
         }

@@ -22,10 +22,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use config::Database;
 use latchkey_core::clock::Clock;
+use latchkey_core::store::Store;
 use latchkey_core::{Vault, VaultConfig};
 use latchkey_demo::{DemoConfig, DemoProvider};
-use latchkey_store::SqliteStore;
+use latchkey_store::{PgStore, SqliteStore};
 use latchkey_upstream::{HttpUpstream, UpstreamOptions};
 use tokio::net::TcpListener;
 
@@ -81,8 +83,25 @@ pub async fn open_vault(
     extra_root_pem: Option<Vec<u8>>,
 ) -> Result<Arc<Vault>> {
     create_private_dir(&config.data_dir)?;
-    let db_path = config.sqlite_path().map_err(anyhow::Error::msg)?;
-    let (kek, reload) = kek::load(config, &db_path)?;
+    let database = config.database().map_err(anyhow::Error::msg)?;
+    let described = database.describe();
+    let (store, database_is_new): (Arc<dyn Store>, bool) = match &database {
+        Database::Sqlite(path) => {
+            let new = !path.exists();
+            let store = SqliteStore::open(path)
+                .await
+                .with_context(|| format!("opening {described}"))?;
+            (Arc::new(store), new)
+        }
+        Database::Postgres(url) => {
+            let store = PgStore::connect(url)
+                .await
+                .with_context(|| format!("opening {described}"))?;
+            let new = store.data_keys().await?.is_empty();
+            (Arc::new(store), new)
+        }
+    };
+    let (kek, reload) = kek::load(config, database_is_new, &described)?;
     let mut vault_config = VaultConfig::new(issuer);
     vault_config.agent_requests_per_minute = config.agent_requests_per_minute;
     vault_config.approvals = config.approvals().map_err(anyhow::Error::msg)?;
@@ -94,23 +113,12 @@ pub async fn open_vault(
             secret: secret.into(),
             audit_entries: config.audit_webhook,
         });
-    let store = SqliteStore::open(&db_path)
-        .await
-        .with_context(|| format!("opening {}", db_path.display()))?;
     let upstream = HttpUpstream::new(UpstreamOptions {
         timeout: Duration::from_secs(config.upstream_timeout_secs),
         extra_root_pem,
     })
     .map_err(anyhow::Error::msg)?;
-    let vault = Vault::open(
-        vault_config,
-        Arc::new(store),
-        clock,
-        Arc::new(upstream),
-        kek,
-        reload,
-    )
-    .await?;
+    let vault = Vault::open(vault_config, store, clock, Arc::new(upstream), kek, reload).await?;
     Ok(Arc::new(vault))
 }
 

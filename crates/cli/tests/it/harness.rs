@@ -413,14 +413,17 @@ impl TestServer {
 
     /// Run the `latchkey` binary on this server's data directory.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
-            .args(args)
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"));
+        cmd.args(args)
             .arg("--data-dir")
             .arg(&self.config.data_dir)
             .env("LATCHKEY_PUBLIC_URL", &self.issuer)
             .env_remove("LATCHKEY_KEK")
-            .output()
-            .unwrap()
+            .env_remove("LATCHKEY_DATABASE_URL");
+        if let Some(url) = &self.config.database_url {
+            cmd.env("LATCHKEY_DATABASE_URL", url);
+        }
+        cmd.output().unwrap()
     }
 
     /// Run the `latchkey` binary on this server's data directory; assert it succeeded; its

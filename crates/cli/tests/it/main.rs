@@ -27,6 +27,7 @@ mod mcp;
 mod oidc;
 mod ops;
 mod policy;
+mod postgres;
 mod proxy;
 mod refresh;
 mod walkthrough;
