@@ -2,6 +2,7 @@
 //! agent-side `token` command — one binary.
 
 mod mcp;
+mod migrate;
 mod token;
 
 use std::path::PathBuf;
@@ -121,6 +122,12 @@ enum Command {
         after_help = "Example (an MCP client's server entry):\n  latchkey mcp --issuer https://127.0.0.1:8750/ --ca-cert latchkey-data/tls/ca.pem \\\n      --client-id agt_… --key latchkey-data/demo-agent.key --user demo"
     )]
     Mcp(mcp::McpArgs),
+    /// Move a deployment from its SQLite file to an empty PostgreSQL database, verifying the
+    /// audit chain before and after (uses this deployment's key file).
+    #[command(
+        after_help = "Example:\n  latchkey migrate --from sqlite:latchkey-data/latchkey.db --to postgres://latchkey@db.internal/latchkey"
+    )]
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(Args)]
@@ -691,6 +698,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => serve(g, &args, true).await,
         Command::Token(args) => token::run(args).await,
         Command::Mcp(args) => mcp::run(args).await,
+        Command::Migrate(args) => {
+            let config = load_config(g, None)?;
+            init_logging("warn");
+            migrate::run(&config, args).await
+        }
         Command::Connection(ConnectionCmd::Providers { json }) => {
             print_providers(json);
             Ok(())
@@ -1299,6 +1311,7 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
         | Command::Demo(_)
         | Command::Token(_)
         | Command::Mcp(_)
+        | Command::Migrate(_)
         | Command::Connection(ConnectionCmd::Providers { .. }) => unreachable!("handled by run"),
     }
     Ok(())

@@ -103,3 +103,75 @@ async fn the_vault_runs_on_postgresql() {
     ts.stop().await;
     drop_database(&url).await;
 }
+
+/// `latchkey migrate` moves a SQLite deployment to PostgreSQL: the audit chain verifies before
+/// and after, the server then runs on the copy with the same key file, and a target that is
+/// not empty is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_deployment_moves_to_postgresql() {
+    let ts = TestServer::start().await;
+    let account = ts.connect_demo_account().await;
+    let released = ts.post_form(&ts.exchange_params()).await;
+    let upstream = released.token().to_owned();
+    let sqlite_path = ts.db_path();
+    let entries_before = ts.vault.verify_audit(None).await.unwrap().unwrap().entries;
+    let (dir, config) = ts.stop().await;
+
+    let url = fresh_database().await;
+    let migrate = |to: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+            .args(["migrate", "--from"])
+            .arg(format!("sqlite:{}", sqlite_path.display()))
+            .args(["--to", to, "--data-dir"])
+            .arg(&config.data_dir)
+            .env_remove("LATCHKEY_KEK")
+            .env_remove("LATCHKEY_DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+    let out = migrate(&url);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("audit chain verified ({entries_before} entries")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("the same as the source"), "{stdout}");
+    // Into a database that already holds a deployment: refused, nothing changed.
+    let again = migrate(&url);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not empty"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // The server on the copy: same users, agents, grants, accounts; the sealed tokens open
+    // with the same key file; the trail goes on from where it was.
+    let config = Config {
+        database_url: Some(url.clone()),
+        ..config
+    };
+    let ts = TestServer::start_with(dir, config).await;
+    let accounts = ts
+        .vault
+        .store()
+        .list_accounts(Some(&ts.info.user_id))
+        .await
+        .unwrap();
+    assert_eq!(accounts[0].id, account);
+    let again = ts.post_form(&ts.exchange_params()).await;
+    assert_eq!(
+        again.token(),
+        upstream,
+        "the cached upstream token, opened on PostgreSQL"
+    );
+    let after = ts.vault.verify_audit(None).await.unwrap().unwrap();
+    assert_eq!(after.entries, entries_before + 1);
+    ts.stop().await;
+    drop_database(&url).await;
+}
