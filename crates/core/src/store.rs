@@ -337,6 +337,14 @@ pub trait Store: Send + Sync + 'static {
     /// that no other pass has claimed (so that several nodes never work on the same account):
     /// see [`RefreshWhy`] for what is due. One entry per account.
     async fn claim_refresh_work(&self, q: &RefreshQuery) -> StoreResult<Vec<RefreshWork>>;
+    /// Wait until no other process is refreshing this account at the provider, and keep it so
+    /// until the lease is dropped: one upstream refresh per account at a time across every
+    /// node (invariant 4; within a process the vault's own per-account lock does it). A holder
+    /// that dies gives it up with its connection. The default, for a store that one process
+    /// serves (SQLite), holds nothing.
+    async fn refresh_lease(&self, _account_id: &str) -> StoreResult<RefreshLease> {
+        Ok(RefreshLease::none())
+    }
     /// Record that a refresh of the account's current token starts now (iff its
     /// `token_version` is still `expected_version`); the commit of the outcome clears it.
     async fn mark_refresh_started(
@@ -586,4 +594,19 @@ pub trait Store: Send + Sync + 'static {
     async fn due_approvals(&self, now: i64, limit: i64) -> StoreResult<Vec<Approval>>;
     /// The session's user gave a TOTP code at `at` (step-up).
     async fn record_session_mfa(&self, hash: &str, at: i64) -> StoreResult<()>;
+}
+
+/// See [`Store::refresh_lease`]: whatever the store holds for it, released when dropped.
+pub struct RefreshLease(#[allow(dead_code)] Option<Box<dyn Send + Sync>>);
+
+impl RefreshLease {
+    /// Nothing to hold.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Hold `guard` until the lease is dropped.
+    pub fn held(guard: Box<dyn Send + Sync>) -> Self {
+        Self(Some(guard))
+    }
 }

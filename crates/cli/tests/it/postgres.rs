@@ -230,8 +230,9 @@ async fn exchange_at(ts: &TestServer, base: &str, params: &[(String, String)]) -
 
 /// Three nodes on one PostgreSQL database: a request replayed on all three at once is
 /// released once; a revocation committed through one node stops every exchange that starts
-/// afterwards on the others; a node killed under load leaves every acknowledged release on the
-/// trail, and the trail verifies.
+/// afterwards on the others; 200 exchanges at once over the nodes when a refresh is due make
+/// exactly one upstream refresh; a node killed under load leaves every acknowledged release on
+/// the trail, and the trail verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_share_one_postgresql() {
     let url = fresh_database().await;
@@ -294,14 +295,38 @@ async fn three_nodes_share_one_postgresql() {
         "no release after the revocation committed"
     );
 
-    // Reconnect, then load on all three while node C is killed halfway: the others keep
-    // serving, and every release any node acknowledged is on the trail. (The first exchange
-    // after connecting refreshes once, for the grant's narrower scopes, through one node
-    // first: one refresh at a time across nodes is not there yet — two nodes refreshing at
-    // once can spend a rotating refresh token twice; docs/known-limits.md.)
+    // Reconnect. The first exchanges need a refresh (for the grant's narrower scopes), and
+    // later the upstream token expires: 200 exchanges at once over the three nodes, each time,
+    // make exactly one upstream refresh (the demo rotates refresh tokens, so a second one
+    // would present a spent token and end the account).
     ts.connect_demo_account().await;
-    let (status, body) = exchange_at(&ts, &a, &ts.exchange_params()).await;
-    assert_eq!(status, 200, "{body}");
+    for phase in [
+        "right after the reconnect",
+        "right after the upstream token expired",
+    ] {
+        if phase.ends_with("expired") {
+            ts.clock.advance(301);
+        }
+        let before = ts.demo.stats().refresh_grants;
+        let batch: Vec<Vec<(String, String)>> = (0..200).map(|_| ts.exchange_params()).collect();
+        let answers = futures_util::future::join_all(
+            batch
+                .iter()
+                .enumerate()
+                .map(|(i, p)| exchange_at(&ts, &nodes[i % 3], p)),
+        )
+        .await;
+        let refused: Vec<&(u16, String)> = answers.iter().filter(|(s, _)| *s != 200).collect();
+        assert!(refused.is_empty(), "{phase}: {refused:?}");
+        assert_eq!(
+            ts.demo.stats().refresh_grants - before,
+            1,
+            "{phase}: exactly one upstream refresh"
+        );
+    }
+
+    // Load on all three while node C is killed halfway: the others keep serving, and every
+    // release any node acknowledged is on the trail.
     let releases_before = ts
         .vault
         .store()

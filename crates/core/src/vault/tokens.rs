@@ -77,6 +77,11 @@ impl Vault {
             return self.open_access(&account).await;
         }
         let _guard = self.refresh_locks.lock(&account.id).await;
+        let _lease = self
+            .store
+            .refresh_lease(&account.id)
+            .await
+            .map_err(store_err)?;
         let current = self.active_account(&account.id, conn).await?;
         if self.is_fresh(&current, margin) {
             return self.open_access(&current).await;
@@ -136,6 +141,11 @@ impl Vault {
             return Ok(hit);
         }
         let _guard = self.refresh_locks.lock(&account.id).await;
+        let _lease = self
+            .store
+            .refresh_lease(&account.id)
+            .await
+            .map_err(store_err)?;
         if let Some(hit) = cached().await? {
             return Ok(hit);
         }
@@ -478,6 +488,11 @@ impl Vault {
         conn: &Connection,
     ) -> Result<bool, OAuthError> {
         let _guard = self.refresh_locks.lock(&seen.id).await;
+        let _lease = self
+            .store
+            .refresh_lease(&seen.id)
+            .await
+            .map_err(store_err)?;
         let current = self.active_account(&seen.id, conn).await?;
         if current.token_version != seen.token_version {
             return Ok(false);

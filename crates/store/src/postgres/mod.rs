@@ -84,6 +84,9 @@ pub(crate) mod locks {
     pub const APPROVALS_OF_USER: i32 = 0x4c4b_0002;
     /// A client's pending approvals (key: `hashtext(client id)`).
     pub const APPROVALS_OF_CLIENT: i32 = 0x4c4b_0003;
+    /// One upstream refresh of an account at a time (key: `hashtext(account id)`), held at
+    /// session level on a connection of its own for the length of the provider call.
+    pub const REFRESH_LEASE: i32 = 0x4c4b_0004;
 }
 
 #[derive(Clone, Debug)]
@@ -260,6 +263,38 @@ impl PgStore {
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(changed)
+    }
+}
+
+/// The connection holding a [`PgStore::refresh_lease`].
+struct LeaseConnection {
+    conn: Option<sqlx::pool::PoolConnection<Postgres>>,
+    account_id: String,
+}
+
+impl Drop for LeaseConnection {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let account_id = std::mem::take(&mut self.account_id);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+                        .bind(locks::REFRESH_LEASE)
+                        .bind(&account_id)
+                        .execute(&mut *conn)
+                        .await;
+                    if unlocked.is_err() {
+                        // Closing the session releases its locks.
+                        let _ = conn.close().await;
+                    }
+                });
+            }
+            // No runtime to unlock on: end the session, which releases the lock.
+            Err(_) => drop(conn.detach()),
+        }
     }
 }
 
@@ -1213,6 +1248,24 @@ impl Store for PgStore {
     }
 
     /// Fenced by `token_version` (see `update_account_tokens`).
+    /// A session-level advisory lock on a connection taken from the pool for the lease's
+    /// life: the next node waits for it (up to the statement timeout), and a node that dies
+    /// releases it with its connection. Dropping the lease unlocks and returns the connection
+    /// (or closes it if the unlock fails, which also releases the lock).
+    async fn refresh_lease(&self, account_id: &str) -> StoreResult<RefreshLease> {
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        sqlx::query("SELECT pg_advisory_lock($1, hashtext($2))")
+            .bind(locks::REFRESH_LEASE)
+            .bind(account_id)
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(RefreshLease::held(Box::new(LeaseConnection {
+            conn: Some(conn),
+            account_id: account_id.to_owned(),
+        })))
+    }
+
     async fn mark_refresh_started(
         &self,
         id: &str,

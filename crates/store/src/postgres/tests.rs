@@ -144,7 +144,8 @@ async fn one_fenced_token_update_wins_across_nodes() {
                     s.update_account_tokens(&mine, version).await.unwrap()
                 } else {
                     let t = ScopedToken {
-                        id: format!("cac_1 {i}"),
+                        // One id per round and task: two rounds' winners never share a row.
+                        id: format!("cac_1 {round} {i}"),
                         account_id: "cac_1".into(),
                         scopes: Scopes::parse("a"),
                         access_token: vec![i as u8],
@@ -663,4 +664,43 @@ fn the_schema_locks_the_configuration_with_the_key_releases_share() {
         locks::CONFIG
     );
     assert!(schema.contains(&call), "{call}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_lease_is_held_by_one_node_at_a_time() {
+    let (_db, stores) = nodes(2).await;
+    let lease = stores[0].refresh_lease("cac_1").await.unwrap();
+    // Another account is not held up.
+    drop(stores[1].refresh_lease("cac_2").await.unwrap());
+    let second = tokio::spawn({
+        let s = stores[1].clone();
+        async move { s.refresh_lease("cac_1").await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the second node waits for the first's lease"
+    );
+    drop(lease);
+    tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the second node gets the lease once the first drops it")
+        .unwrap()
+        .unwrap();
+    // A holder that dies (its session ends: here its backend is terminated, as when a node's
+    // process or network goes) gives the lease up too.
+    let held = stores[0].refresh_lease("cac_3").await.unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND classid = $1::bigint::oid AND objsubid = 2 AND granted",
+    )
+    .bind(i64::from(locks::REFRESH_LEASE))
+    .execute(stores[1].pool())
+    .await
+    .unwrap();
+    std::mem::forget(held);
+    tokio::time::timeout(Duration::from_secs(10), stores[1].refresh_lease("cac_3"))
+        .await
+        .expect("a dead holder's lease ends with its session")
+        .unwrap();
 }
