@@ -36,6 +36,28 @@ pub struct AgentCaller {
     jti: Option<JtiUse>,
 }
 
+impl AgentCaller {
+    /// What this caller asks to be released on `connection`.
+    fn ask<'a>(
+        &'a self,
+        connection: &'a str,
+        scope: Option<&'a str>,
+        call: Option<ApiCall<'a>>,
+    ) -> Ask<'a> {
+        Ask {
+            agent: &self.agent,
+            user_id: &self.user_id,
+            audit_context: self.audit_context.as_deref(),
+            connection,
+            scope,
+            login_hint: None,
+            binding_message: None,
+            authorization_details: None,
+            call,
+        }
+    }
+}
+
 /// An upstream token released for one API call, and where the call goes.
 pub struct CallToken {
     pub token: SecretString,
@@ -357,22 +379,19 @@ impl Vault {
         // Decided through the configuration cache, as the token exchange is: the release
         // commits only if the configuration is still what the decision read, else it is
         // decided again.
-        let mut decisions = 0;
-        let (result, attempt) = loop {
-            let mut attempt = Attempt::default();
-            attempt.revision = Some(self.hot.begin(&*self.store).await.map_err(store_err)?);
-            let result = self
-                .call_release(caller, connection, scope, call, ctx, &mut attempt)
-                .await;
-            decisions += 1;
-            if let (Err(_), Some(at)) = (&result, attempt.revision)
-                && decisions < super::exchange::MAX_DECISIONS
-                && self.config_moved_since(at).await
-            {
-                continue;
-            }
-            break (result, attempt);
-        };
+        let (result, attempt) = self
+            .redecided(|mut attempt| async move {
+                let result = match self.hot.begin(&*self.store).await {
+                    Ok(at) => {
+                        attempt.revision = Some(at);
+                        self.call_release(caller, connection, scope, call, ctx, &mut attempt)
+                            .await
+                    }
+                    Err(e) => Err(store_err(e)),
+                };
+                (result, attempt)
+            })
+            .await;
         let outcome = match &result {
             Ok(_) => "released",
             Err(e) => e.code,
@@ -414,21 +433,7 @@ impl Vault {
             approval,
             risk,
         } = self
-            .decide(
-                &Ask {
-                    agent,
-                    user_id: &caller.user_id,
-                    audit_context: caller.audit_context.as_deref(),
-                    connection,
-                    scope,
-                    login_hint: None,
-                    binding_message: None,
-                    authorization_details: None,
-                    call,
-                },
-                ctx,
-                attempt,
-            )
+            .decide(&caller.ask(connection, scope, call), ctx, attempt)
             .await?;
         // (Checked again on the grant the decision read, in case it changed meanwhile.)
         if call.is_none() && !policy.token_tool {
@@ -786,21 +791,7 @@ impl Vault {
     ) -> Result<ApprovalState, OAuthError> {
         let mut attempt = Attempt::default();
         let decided = self
-            .decide(
-                &Ask {
-                    agent: &caller.agent,
-                    user_id: &caller.user_id,
-                    audit_context: caller.audit_context.as_deref(),
-                    connection,
-                    scope,
-                    login_hint: None,
-                    binding_message: None,
-                    authorization_details: None,
-                    call,
-                },
-                ctx,
-                &mut attempt,
-            )
+            .decide(&caller.ask(connection, scope, call), ctx, &mut attempt)
             .await;
         match decided {
             // The quota slots go back: nothing was released.

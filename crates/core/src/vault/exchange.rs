@@ -30,7 +30,7 @@ pub(super) struct Attempt {
 
 /// How many times one token request is decided, at most, when the configuration changes under
 /// it (see `hot.rs`).
-pub(super) const MAX_DECISIONS: usize = 3;
+const MAX_DECISIONS: usize = 3;
 
 impl Attempt {
     /// A request whose client authentication failed before anything else was learnt.
@@ -116,23 +116,13 @@ impl Vault {
         basic: Option<BasicCredentials>,
         ctx: &RequestContext,
     ) -> Result<TokenResponse, OAuthError> {
-        let mut decisions = 0;
-        let (result, attempt) = loop {
-            let mut attempt = Attempt::default();
-            let result = self
-                .token_inner(params, basic.as_ref(), ctx, &mut attempt)
-                .await;
-            decisions += 1;
-            // Decided from the cached configuration and refused (or stale at commit): answer
-            // only if the configuration is still what the decision saw.
-            if let (Err(_), Some(at)) = (&result, attempt.revision)
-                && decisions < MAX_DECISIONS
-                && self.config_moved_since(at).await
-            {
-                continue;
-            }
-            break (result, attempt);
-        };
+        let basic_ref = basic.as_ref();
+        let (result, attempt) = self
+            .redecided(|mut attempt| async move {
+                let result = self.token_inner(params, basic_ref, ctx, &mut attempt).await;
+                (result, attempt)
+            })
+            .await;
         let outcome = match &result {
             Ok(_) => "released",
             Err(e) => e.code,
@@ -742,9 +732,35 @@ impl Vault {
             })
     }
 
+    /// Run `decide` (a request decided, perhaps from the cached configuration at the revision
+    /// it sets in the attempt) and, while it is refused (or stale at commit) and the
+    /// configuration has moved since, decide again, up to [`MAX_DECISIONS`] times: an answer
+    /// stands only if the configuration is still what the decision saw.
+    pub(super) async fn redecided<T, F, Fut>(
+        &self,
+        mut decide: F,
+    ) -> (Result<T, OAuthError>, Attempt)
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = (Result<T, OAuthError>, Attempt)>,
+    {
+        let mut decisions = 0;
+        loop {
+            let (result, attempt) = decide(Attempt::default()).await;
+            decisions += 1;
+            if let (Err(_), Some(at)) = (&result, attempt.revision)
+                && decisions < MAX_DECISIONS
+                && self.config_moved_since(at).await
+            {
+                continue;
+            }
+            return (result, attempt);
+        }
+    }
+
     /// Whether the configuration has moved past `at` (then the cache forgets what it held).
     /// A store that cannot answer counts as not moved: the answer already in hand stands.
-    pub(super) async fn config_moved_since(&self, at: i64) -> bool {
+    async fn config_moved_since(&self, at: i64) -> bool {
         match self.store.config_revision().await {
             Ok(now) if now != at => {
                 self.hot.advance(now);
