@@ -1,20 +1,50 @@
 //! The audit trail: fail closed (nothing is released without its entry), and tamper evidence
-//! (the MAC chain and signed checkpoints name the first bad entry).
+//! (the MAC chain and signed checkpoints name the first bad entry), on SQLite and on
+//! PostgreSQL alike.
 
 use std::path::{Path, PathBuf};
+
+use latchkey_server::Config;
 
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_audit_no_token() {
-    let ts = TestServer::start().await;
+    no_audit_no_token_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_audit_no_token_on_postgresql() {
+    no_audit_no_token_on(Backend::Postgres).await;
+}
+
+/// A trigger that refuses every audit insert (the audit sink down), and the statement that
+/// removes it.
+fn audit_fault(backend: Backend) -> (&'static str, &'static str) {
+    match backend {
+        Backend::Sqlite => (
+            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events \
+             BEGIN SELECT RAISE(ABORT, 'audit sink down'); END",
+            "DROP TRIGGER audit_down",
+        ),
+        Backend::Postgres => (
+            "CREATE FUNCTION audit_down() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'audit sink down'; END $$; \
+             CREATE TRIGGER audit_down BEFORE INSERT ON audit_events \
+             FOR EACH ROW EXECUTE FUNCTION audit_down();",
+            "DROP TRIGGER audit_down ON audit_events; DROP FUNCTION audit_down();",
+        ),
+    }
+}
+
+async fn no_audit_no_token_on(backend: Backend) {
+    let (ts, db) = TestServer::start_on(backend).await;
     ts.connect_demo_account().await;
-    let pool = ts.sql_pool().await;
-    sqlx::query("CREATE TRIGGER audit_down BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit sink down'); END")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (releases, jtis) = (ts.releases().await, ts.used_jtis().await);
+    let sql = ts.sql().await;
+    let jtis = || sql.scalar("SELECT COUNT(*) FROM used_jtis");
+    let (fault, repair) = audit_fault(backend);
+    sql.execute(fault).await;
+    let (releases, used) = (ts.releases().await, jtis().await);
     for _ in 0..5 {
         let a = ts.post_form(&ts.exchange_params()).await;
         a.assert_error(503, "temporarily_unavailable");
@@ -22,33 +52,38 @@ async fn no_audit_no_token() {
         assert!(a.body.get("access_token").is_none());
     }
     assert_eq!(
-        (ts.releases().await, ts.used_jtis().await),
-        (releases, jtis),
+        (ts.releases().await, jtis().await),
+        (releases, used),
         "the jti was not consumed either"
     );
 
-    sqlx::query("DROP TRIGGER audit_down")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sql.execute(repair).await;
     ts.post_form(&ts.exchange_params()).await.token();
     assert_eq!(ts.releases().await, releases + 1);
     // No gap: the chain verifies end to end.
     let v = ts.vault.verify_audit(None).await.unwrap().unwrap();
-    let max: i64 = sqlx::query_scalar("SELECT MAX(seq) FROM audit_events")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let max = sql.scalar("SELECT MAX(seq) FROM audit_events").await;
     assert_eq!((v.entries as i64, v.last_seq), (max, Some(max)));
-    pool.close().await;
+    sql.close().await;
+    ts.stop().await;
+    drop(db);
 }
 
-/// `latchkey audit verify` on a data directory: success, and what it printed.
-fn verify(data_dir: &Path, checkpoint: Option<&Path>) -> (bool, String) {
+/// `latchkey audit verify` on a data directory (and, on PostgreSQL, a database): success, and
+/// what it printed.
+fn verify(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    checkpoint: Option<&Path>,
+) -> (bool, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"));
     cmd.args(["audit", "verify", "--data-dir"])
         .arg(data_dir)
-        .env_remove("LATCHKEY_KEK");
+        .env_remove("LATCHKEY_KEK")
+        .env_remove("LATCHKEY_DATABASE_URL");
+    if let Some(url) = database_url {
+        cmd.env("LATCHKEY_DATABASE_URL", url);
+    }
     if let Some(c) = checkpoint {
         cmd.arg("--checkpoint").arg(c);
     }
@@ -61,32 +96,74 @@ fn verify(data_dir: &Path, checkpoint: Option<&Path>) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// A copy of the stopped server's data directory with `sql` applied to its database.
-async fn tampered(original: &Path, sql: &str) -> (tempfile::TempDir, PathBuf) {
-    let copy = tempfile::tempdir().unwrap();
-    let data = copy.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    for entry in std::fs::read_dir(original).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), data.join(entry.file_name())).unwrap();
-        }
+/// A tampered copy of a stopped server's database.
+struct Tampered {
+    /// SQLite: the copied data directory, database and key file.
+    _copy: Option<tempfile::TempDir>,
+    data_dir: PathBuf,
+    /// PostgreSQL: the copied database (the key file stays in the original data directory).
+    db: Option<PgDatabase>,
+}
+
+impl Tampered {
+    fn verify(&self, checkpoint: Option<&Path>) -> (bool, String) {
+        verify(
+            &self.data_dir,
+            self.db.as_ref().map(|d| d.url.as_str()),
+            checkpoint,
+        )
     }
-    let pool =
-        sqlx::SqlitePool::connect(&format!("sqlite://{}", data.join("latchkey.db").display()))
-            .await
-            .unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-        .execute(&pool)
-        .await
-        .unwrap();
+}
+
+/// A copy of the stopped server's database (`original`: its PostgreSQL database, if any) with
+/// `sql` applied to it.
+async fn tampered(config: &Config, original: Option<&PgDatabase>, sql: &str) -> Tampered {
+    let tampered = match original {
+        None => {
+            let copy = tempfile::tempdir().unwrap();
+            let data = copy.path().join("data");
+            std::fs::create_dir(&data).unwrap();
+            for entry in std::fs::read_dir(&config.data_dir).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_type().unwrap().is_file() {
+                    std::fs::copy(entry.path(), data.join(entry.file_name())).unwrap();
+                }
+            }
+            Tampered {
+                _copy: Some(copy),
+                data_dir: data,
+                db: None,
+            }
+        }
+        Some(db) => Tampered {
+            _copy: None,
+            data_dir: config.data_dir.clone(),
+            db: Some(db.copy().await),
+        },
+    };
+    let pool = Sql::connect(&Config {
+        data_dir: tampered.data_dir.clone(),
+        database_url: tampered.db.as_ref().map(|d| d.url.clone()),
+        ..Config::default()
+    })
+    .await;
+    pool.execute(sql).await;
     pool.close().await;
-    (copy, data)
+    tampered
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampering_is_named_by_audit_verify() {
-    let ts = TestServer::start().await;
+    tampering_is_named_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_is_named_by_audit_verify_on_postgresql() {
+    tampering_is_named_on(Backend::Postgres).await;
+}
+
+async fn tampering_is_named_on(backend: Backend) {
+    let (ts, db) = TestServer::start_on(backend).await;
     ts.connect_demo_account().await;
     for _ in 0..4 {
         ts.post_form(&ts.exchange_params()).await.token();
@@ -99,10 +176,11 @@ async fn tampering_is_named_by_audit_verify() {
         serde_json::from_str(&std::fs::read_to_string(&exported).unwrap()).unwrap();
     let (dir, config) = ts.stop().await;
     let data = config.data_dir.clone();
+    let url = config.database_url.as_deref();
     let last = cp["seq"].as_i64().unwrap();
     assert!(last >= 8, "enough entries to tamper with: {last}");
 
-    let (ok, text) = verify(&data, Some(&exported));
+    let (ok, text) = verify(&data, url, Some(&exported));
     assert!(ok, "the untouched database verifies: {text}");
     assert!(text.contains(&format!("{last} entries")), "{text}");
 
@@ -148,8 +226,8 @@ async fn tampering_is_named_by_audit_verify() {
         ),
     ];
     for (what, sql, first_bad) in cases {
-        let (_copy, tampered_dir) = tampered(&data, &sql).await;
-        let (ok, text) = verify(&tampered_dir, Some(&exported));
+        let copy = tampered(&config, db.as_ref(), &sql).await;
+        let (ok, text) = copy.verify(Some(&exported));
         assert!(!ok, "{what}: verify must fail");
         assert!(
             text.contains(&format!("BROKEN at entry {first_bad}:")),
@@ -158,12 +236,13 @@ async fn tampering_is_named_by_audit_verify() {
     }
     // Truncation with the database's own checkpoint left in place is caught without the
     // exported one; the exported one must be this vault's.
-    let (_copy, truncated) = tampered(
-        &data,
+    let truncated = tampered(
+        &config,
+        db.as_ref(),
         &format!("DELETE FROM audit_events WHERE seq > {}", last - 3),
     )
     .await;
-    let (ok, text) = verify(&truncated, None);
+    let (ok, text) = truncated.verify(None);
     assert!(
         !ok && text.contains(&format!("BROKEN at entry {}:", last - 2)),
         "{text}"
@@ -172,8 +251,10 @@ async fn tampering_is_named_by_audit_verify() {
     forged_cp["at"] = serde_json::json!(cp["at"].as_i64().unwrap() + 1);
     let forged_path = outside.path().join("forged.json");
     std::fs::write(&forged_path, forged_cp.to_string()).unwrap();
-    let (ok, text) = verify(&data, Some(&forged_path));
+    let (ok, text) = verify(&data, url, Some(&forged_path));
     assert!(!ok && text.contains("not signed by this vault"), "{text}");
+    drop(truncated);
+    drop(db);
     drop(dir);
 }
 

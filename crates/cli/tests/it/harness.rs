@@ -572,3 +572,199 @@ pub fn workspace_root() -> PathBuf {
         .canonicalize()
         .unwrap()
 }
+
+/// A new, empty database on the machine's PostgreSQL (`LATCHKEY_TEST_PG_URL` names another
+/// server); its URL.
+pub async fn fresh_database() -> String {
+    let admin = std::env::var("LATCHKEY_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {admin} is needed for this test ({e}); start it with \
+             pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+            )
+        });
+    let name = format!("lk_it_{}", uuid::Uuid::new_v4().simple());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(&admin).unwrap();
+    url.set_path(&name);
+    url.to_string()
+}
+
+pub async fn drop_database(url: &str) {
+    let mut admin = url::Url::parse(url).unwrap();
+    let name = admin.path().trim_start_matches('/').to_owned();
+    admin.set_path("postgres");
+    if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(admin.as_str()).await {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await;
+    }
+}
+
+// --- either backend -------------------------------------------------------------------------
+
+/// The database a test server runs on: the default SQLite file in its data directory, or a
+/// fresh database of the machine's PostgreSQL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A PostgreSQL database this test created: dropped (its connections ended) when the guard is,
+/// so a failing test leaves none behind either.
+pub struct PgDatabase {
+    pub url: String,
+}
+
+impl PgDatabase {
+    pub async fn fresh() -> Self {
+        Self {
+            url: fresh_database().await,
+        }
+    }
+
+    /// A copy of this database (`CREATE DATABASE … TEMPLATE`). PostgreSQL copies only a
+    /// database nobody is connected to: connections still open (a stopped server's pool closing,
+    /// a CLI process that just exited) are ended first.
+    pub async fn copy(&self) -> Self {
+        let mut admin = url::Url::parse(&self.url).unwrap();
+        let template = admin.path().trim_start_matches('/').to_owned();
+        admin.set_path("postgres");
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin.as_str())
+            .await
+            .unwrap();
+        let name = format!("lk_it_{}", uuid::Uuid::new_v4().simple());
+        for attempt in 0.. {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&template)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "CREATE DATABASE {name} TEMPLATE {template}"
+            )))
+            .execute(&mut conn)
+            .await;
+            match created {
+                Ok(_) => break,
+                // 55006 object_in_use: a terminated backend has not exited yet.
+                Err(e)
+                    if attempt < 50
+                        && e.as_database_error().and_then(|d| d.code()).as_deref()
+                            == Some("55006") =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("copying {template}: {e}"),
+            }
+        }
+        let mut url = url::Url::parse(&self.url).unwrap();
+        url.set_path(&name);
+        Self {
+            url: url.to_string(),
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot block on a future: a runtime of
+        // its own on a thread of its own.
+        let url = self.url.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(drop_database(&url))
+        })
+        .join();
+    }
+}
+
+/// A pool on a test server's database, whichever the backend.
+pub enum Sql {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Sql {
+    pub async fn connect(config: &Config) -> Self {
+        match &config.database_url {
+            Some(url) => Self::Postgres(sqlx::PgPool::connect(url).await.unwrap()),
+            None => Self::Sqlite(
+                sqlx::SqlitePool::connect(&format!(
+                    "sqlite://{}",
+                    config.data_dir.join("latchkey.db").display()
+                ))
+                .await
+                .unwrap(),
+            ),
+        }
+    }
+
+    /// Run `sql` (any number of statements, no parameters).
+    pub async fn execute(&self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            Self::Sqlite(p) => sqlx::raw_sql(sql).execute(p).await.map(drop),
+            Self::Postgres(p) => sqlx::raw_sql(sql).execute(p).await.map(drop),
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The one integer `sql` selects.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            Self::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await,
+            Self::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await,
+        }
+        .unwrap()
+    }
+
+    pub async fn close(self) {
+        match self {
+            Self::Sqlite(p) => p.close().await,
+            Self::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+impl TestServer {
+    /// A demo server on `backend`; on PostgreSQL, the guard of its fresh database (keep it
+    /// until the server has stopped).
+    pub async fn start_on(backend: Backend) -> (Self, Option<PgDatabase>) {
+        match backend {
+            Backend::Sqlite => (Self::start().await, None),
+            Backend::Postgres => {
+                let db = PgDatabase::fresh().await;
+                let dir = tempfile::tempdir().unwrap();
+                let config = Config {
+                    data_dir: dir.path().join("data"),
+                    listen: "127.0.0.1:0".into(),
+                    database_url: Some(db.url.clone()),
+                    ..Config::default()
+                };
+                (Self::start_with(dir, config).await, Some(db))
+            }
+        }
+    }
+
+    /// A pool on this server's database (SQLite file or PostgreSQL).
+    pub async fn sql(&self) -> Sql {
+        Sql::connect(&self.config).await
+    }
+}
