@@ -38,6 +38,8 @@ const TABLES: &[&str] = &[
     "webhook_outbox",
     "operator_tokens",
     "approvals",
+    "quota_counts",
+    "job_claims",
 ];
 
 #[derive(Args)]
@@ -87,7 +89,7 @@ pub async fn run(config: &Config, args: MigrateArgs) -> Result<()> {
         before.entries
     );
 
-    let store = latchkey_store::PgStore::connect(&url)
+    let store = latchkey_store::PgStore::connect(&url, config.database_pool_size)
         .await
         .context("opening the target")?;
     let pg = store.pool().clone();

@@ -1,13 +1,19 @@
-//! Request budgets, counted in this process: a per-agent request budget per minute (the
-//! `agent_requests_per_minute` floor, before anything else is checked), and the grants' quotas
-//! ([`QuotaCounters`], per agent and per user, per minute and per day; see
-//! [`crate::policy::Quotas`]). Fixed windows; several nodes each count their own (a documented
-//! limit).
+//! Request budgets: a per-agent request budget per minute (the `agent_requests_per_minute`
+//! floor, before anything else is checked; counted in this process), and the grants' quotas
+//! (per agent and per user, per minute and per day; see [`crate::policy::Quotas`]), in fixed
+//! windows.
+//!
+//! A quota is counted twice over. [`QuotaCounters`] is this process's count, checked when the
+//! request is decided, so a request over the limit is refused before it costs an upstream
+//! refresh or an approval. The database's count is the one that holds: the release carries its
+//! slots ([`QuotaReservation::uses`]) and the store counts them in the release's own
+//! transaction, so the limit holds across nodes and restarts.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::policy::QuotaWindow;
+use crate::store::QuotaUse;
 
 #[derive(Default)]
 pub struct RateLimiter {
@@ -113,9 +119,24 @@ pub struct QuotaExceeded {
 pub struct QuotaReservation<'a> {
     counters: &'a QuotaCounters,
     keys: Vec<QuotaKey>,
+    /// Each key's limit.
+    limits: Vec<u32>,
 }
 
 impl QuotaReservation<'_> {
+    /// The slots as the store counts them with the release, in the order of the checks.
+    pub fn uses(&self) -> Vec<QuotaUse> {
+        self.keys
+            .iter()
+            .zip(&self.limits)
+            .map(|(k, &limit)| QuotaUse {
+                key: format!("{}:{}:{}", k.counter, k.window.as_str(), k.index),
+                limit,
+                window_end: (k.index + 1) * k.window.seconds(),
+            })
+            .collect()
+    }
+
     /// The request released its token: the slots stay used.
     pub fn keep(mut self) {
         self.keys.clear();
@@ -150,6 +171,7 @@ impl QuotaCounters {
             return Ok(QuotaReservation {
                 counters: self,
                 keys: Vec::new(),
+                limits: Vec::new(),
             });
         }
         let keys: Vec<QuotaKey> = checks
@@ -192,6 +214,7 @@ impl QuotaCounters {
         Ok(QuotaReservation {
             counters: self,
             keys,
+            limits: checks.iter().map(|c| c.limit).collect(),
         })
     }
 }
@@ -245,6 +268,28 @@ mod tests {
         let e = q.reserve(&c, t + 20).err().unwrap();
         assert_eq!((e.index, e.retry_after), (0, 40));
         assert!(q.reserve(&c, t + 60).is_ok(), "the next minute");
+    }
+
+    #[test]
+    fn the_store_counts_each_window_under_its_own_key() {
+        let q = super::QuotaCounters::default();
+        let checks = [
+            check("agent:a:c", QuotaWindow::Minute, 5),
+            check("user:u:c", QuotaWindow::Day, 2),
+        ];
+        let t = 86_400 * 10 + 125;
+        let uses = q.reserve(&checks, t).unwrap().uses();
+        let keys: Vec<(&str, u32, i64)> = uses
+            .iter()
+            .map(|u| (u.key.as_str(), u.limit, u.window_end))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("agent:a:c:minute:14402", 5, 86_400 * 10 + 180),
+                ("user:u:c:day:10", 2, 86_400 * 11),
+            ]
+        );
     }
 
     #[test]

@@ -45,11 +45,24 @@ pub struct JtiUse {
     pub expires_at: i64,
 }
 
+/// One slot of a quota window, counted by a release: the counter `key` (its subject and
+/// window, e.g. `agent:agt_x:con_y:minute:29000000`) admits at most `limit` releases, and
+/// may be forgotten once `window_end` (seconds since the epoch) has passed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaUse {
+    pub key: String,
+    pub limit: u32,
+    pub window_end: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
     /// `jtis[index]` was already used.
     #[error("jti already used")]
     Replay(usize),
+    /// `quotas[index]` already counted its limit in this window (on any node).
+    #[error("quota reached")]
+    QuotaReached(usize),
     /// The account stopped being active (revoked, needs reauth) before the release committed.
     #[error("account is no longer active")]
     AccountInactive,
@@ -405,15 +418,20 @@ pub trait Store: Send + Sync + 'static {
     /// The release of a token, in one transaction: check that the configuration is still at
     /// `revision` when one is given (else [`ReleaseError::Stale`]), consume every `jti` (a
     /// unique insert; a duplicate is [`ReleaseError::Replay`]), check the account (when the
-    /// release has one) is still active and stamp its last use, and append the audit record.
-    /// Nothing is written unless all of it is.
+    /// release has one) is still active and stamp its last use, count one use of every quota
+    /// slot (one already at its limit is [`ReleaseError::QuotaReached`]: the database holds the
+    /// count, so every node and restart sees the same), and append the audit record. Nothing
+    /// is written unless all of it is.
     async fn commit_release(
         &self,
         revision: Option<i64>,
         jtis: &[JtiUse],
+        quotas: &[QuotaUse],
         account_id: Option<&str>,
         audit: &AuditRecord,
     ) -> Result<(), ReleaseError>;
+    /// Delete expired `jti`s, sessions and connect flows, and the counts of quota windows that
+    /// have ended.
     async fn purge_expired_jtis(&self, now: i64) -> StoreResult<u64>;
 
     // Browser sessions and connect flows (opaque values stored only as hashes).
@@ -516,6 +534,10 @@ pub trait Store: Send + Sync + 'static {
         subject_user: Option<&str>,
         since: i64,
     ) -> StoreResult<Vec<DailyCount>>;
+
+    /// Claim the periodic job `name` for the `period` seconds from `now`: true for one caller
+    /// (process or node) per period, false for every other until the period has passed.
+    async fn claim_job(&self, name: &str, now: i64, period: i64) -> StoreResult<bool>;
 
     // Webhook outbox (entries are enqueued by an audit record's `notify`).
     /// Deliveries due at `now` (neither delivered nor given up), oldest first, at most

@@ -29,6 +29,9 @@ pub struct Config {
     pub kek: Option<String>,
     /// Defaults to `sqlite:{data_dir}/latchkey.db`.
     pub database_url: Option<String>,
+    /// PostgreSQL: connections this node opens at most (an upstream refresh holds one for the
+    /// provider call). Keep the sum over all nodes below the server's `max_connections`.
+    pub database_pool_size: u32,
     /// Log filter (`info`, `latchkey=debug`, …).
     pub log: String,
     /// Deadline for every call to an upstream provider, in seconds.
@@ -80,6 +83,7 @@ impl Default for Config {
             tls_key: None,
             kek: None,
             database_url: None,
+            database_pool_size: 10,
             log: "info".into(),
             upstream_timeout_secs: 10,
             demo_access_token_ttl: 300,
@@ -178,6 +182,9 @@ impl Config {
     pub fn database(&self) -> Result<Database, String> {
         match &self.database_url {
             None => Ok(Database::Sqlite(self.data_dir.join("latchkey.db"))),
+            Some(_) if self.database_pool_size < 1 => {
+                Err("database_pool_size must be at least 1".into())
+            }
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 Ok(Database::Postgres(url.clone()))
             }

@@ -94,7 +94,7 @@ pub async fn open_vault(
             (Arc::new(store), new)
         }
         Database::Postgres(url) => {
-            let store = PgStore::connect(url)
+            let store = PgStore::connect(url, config.database_pool_size)
                 .await
                 .with_context(|| format!("opening {described}"))?;
             let new = store.data_keys().await?.is_empty();
@@ -242,7 +242,17 @@ impl Server {
                 if let Err(e) = vault.expire_approvals(500).await {
                     tracing::warn!(code = e.code, "expiring approval requests failed");
                 }
-                if retention > 0 {
+                // Retention: one node a minute (a claim through the database).
+                let prune = retention > 0
+                    && vault
+                        .store()
+                        .claim_job("audit.prune", vault.now(), 60)
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "claiming the audit retention job failed");
+                            false
+                        });
+                if prune {
                     match vault.prune_audit(vault.now() - retention).await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(entries = n, "old audit entries pruned"),

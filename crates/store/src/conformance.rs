@@ -66,7 +66,9 @@ impl PgTestDb {
 
     /// A store (a "node") on this database: its own pool.
     pub(crate) async fn store(&self) -> PgStore {
-        PgStore::connect_with(self.options()).await.unwrap()
+        PgStore::connect_with(self.options(), crate::postgres::DEFAULT_POOL_SIZE)
+            .await
+            .unwrap()
     }
 }
 
@@ -155,7 +157,9 @@ impl Db {
     async fn reopen(&self) -> Result<Box<dyn Store>, StoreError> {
         Ok(match self {
             Self::Sqlite { path, .. } => Box::new(SqliteStore::open(path).await?),
-            Self::Postgres { db, .. } => Box::new(PgStore::connect_with(db.options()).await?),
+            Self::Postgres { db, .. } => Box::new(
+                PgStore::connect_with(db.options(), crate::postgres::DEFAULT_POOL_SIZE).await?,
+            ),
         })
     }
 
@@ -220,6 +224,8 @@ conformance!(
     reopen_is_idempotent,
     duplicate_username_is_a_conflict_and_writes_nothing,
     release_consumes_jtis_atomically,
+    quota_slots_admit_their_limit_and_a_full_one_writes_nothing,
+    a_periodic_job_is_claimed_once_a_period,
     token_updates_are_fenced_by_version,
     connect_flows_are_single_use_and_expire,
     narrowed_tokens_are_fenced_and_go_with_revocation,
@@ -404,6 +410,7 @@ async fn release_consumes_jtis_atomically(db: &Db) {
     s.commit_release(
         None,
         &[jti("a:1"), jti("s:1")],
+        &[],
         Some("cac_1"),
         &audit("token.release"),
     )
@@ -414,6 +421,7 @@ async fn release_consumes_jtis_atomically(db: &Db) {
         s.commit_release(
             None,
             &[jti("a:2"), jti("s:1")],
+            &[],
             Some("cac_1"),
             &audit("token.release")
         )
@@ -425,6 +433,7 @@ async fn release_consumes_jtis_atomically(db: &Db) {
         s.commit_release(
             None,
             &[jti("a:9"), jti("a:9")],
+            &[],
             Some("cac_1"),
             &audit("token.release")
         )
@@ -434,6 +443,7 @@ async fn release_consumes_jtis_atomically(db: &Db) {
     s.commit_release(
         None,
         &[jti("a:2"), jti("s:2")],
+        &[],
         Some("cac_1"),
         &audit("token.release"),
     )
@@ -448,7 +458,7 @@ async fn release_consumes_jtis_atomically(db: &Db) {
         .count();
     assert_eq!(releases, 2);
     // A release without an account (an agent's own token) needs none.
-    s.commit_release(None, &[jti("a:3")], None, &audit("token.release"))
+    s.commit_release(None, &[jti("a:3")], &[], None, &audit("token.release"))
         .await
         .unwrap();
     // A revoked account releases nothing, and neither does one that does not exist.
@@ -458,18 +468,134 @@ async fn release_consumes_jtis_atomically(db: &Db) {
             .unwrap()
     );
     assert!(matches!(
-        s.commit_release(None, &[jti("s:3")], Some("cac_1"), &audit("token.release"))
-            .await,
+        s.commit_release(
+            None,
+            &[jti("s:3")],
+            &[],
+            Some("cac_1"),
+            &audit("token.release")
+        )
+        .await,
         Err(ReleaseError::AccountInactive)
     ));
     assert!(matches!(
-        s.commit_release(None, &[jti("s:4")], Some("cac_x"), &audit("token.release"))
-            .await,
+        s.commit_release(
+            None,
+            &[jti("s:4")],
+            &[],
+            Some("cac_x"),
+            &audit("token.release")
+        )
+        .await,
         Err(ReleaseError::AccountInactive)
     ));
     let a = s.account_by_id("cac_1").await.unwrap().unwrap();
     assert!(a.access_token.is_none() && a.refresh_token.is_none());
     assert_eq!(s.purge_expired_jtis(11).await.unwrap(), 5);
+}
+
+pub(crate) fn quota(key: &str, limit: u32, window_end: i64) -> QuotaUse {
+    QuotaUse {
+        key: key.into(),
+        limit,
+        window_end,
+    }
+}
+
+async fn quota_slots_admit_their_limit_and_a_full_one_writes_nothing(db: &Db) {
+    let s = db.store();
+    seed(s).await;
+    let minute = quota("agent:agt_1:con_1:minute:1", 2, 120);
+    let day = quota("user:usr_1:con_1:day:0", 5, 86_400);
+    let release = |key: &str, quotas: Vec<QuotaUse>| {
+        let key = key.to_owned();
+        async move {
+            s.commit_release(
+                None,
+                &[jti(&key)],
+                &quotas,
+                Some("cac_1"),
+                &audit("token.release"),
+            )
+            .await
+        }
+    };
+    release("q:1", vec![minute.clone(), day.clone()])
+        .await
+        .unwrap();
+    release("q:2", vec![minute.clone()]).await.unwrap();
+    let entries = s.list_audit(100).await.unwrap().len();
+    // The minute is full: refused, naming it, and nothing of the release is written — not
+    // its jti, not its entry, not its use of the day's slot.
+    let refused = release("q:3", vec![day.clone(), minute.clone()]).await;
+    assert!(
+        matches!(refused, Err(ReleaseError::QuotaReached(1))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM used_jtis WHERE key = 'q:3'")
+            .await,
+        0
+    );
+    assert_eq!(s.list_audit(100).await.unwrap().len(), entries);
+    assert_eq!(
+        db.int("SELECT n FROM quota_counts WHERE key = 'user:usr_1:con_1:day:0'")
+            .await,
+        1
+    );
+    // A limit of 0 admits nothing.
+    assert!(matches!(
+        release("q:4", vec![quota("agent:agt_1:con_1:day:0", 0, 86_400)]).await,
+        Err(ReleaseError::QuotaReached(0))
+    ));
+    // The next window counts afresh; the day goes on counting.
+    let next = quota("agent:agt_1:con_1:minute:2", 2, 180);
+    release("q:5", vec![next.clone(), day.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        db.int("SELECT n FROM quota_counts WHERE key = 'user:usr_1:con_1:day:0'")
+            .await,
+        2
+    );
+    // A reopened store (a restart, another node) sees the same counts.
+    let again = db.reopen().await.unwrap();
+    assert!(matches!(
+        again
+            .commit_release(
+                None,
+                &[jti("q:6")],
+                std::slice::from_ref(&minute),
+                Some("cac_1"),
+                &audit("token.release"),
+            )
+            .await,
+        Err(ReleaseError::QuotaReached(0))
+    ));
+    // Windows that have ended are purged; the others stay.
+    s.purge_expired_jtis(120).await.unwrap();
+    assert_eq!(
+        db.texts("SELECT key FROM quota_counts ORDER BY key").await,
+        ["agent:agt_1:con_1:minute:2", "user:usr_1:con_1:day:0"]
+    );
+}
+
+async fn a_periodic_job_is_claimed_once_a_period(db: &Db) {
+    let s = db.store();
+    assert!(s.claim_job("audit.checkpoint", 1_000, 600).await.unwrap());
+    assert!(!s.claim_job("audit.checkpoint", 1_000, 600).await.unwrap());
+    assert!(!s.claim_job("audit.checkpoint", 1_599, 600).await.unwrap());
+    // Another job is claimed on its own.
+    assert!(s.claim_job("audit.prune", 1_000, 60).await.unwrap());
+    // Once the period has passed, again (once), by whichever store asks first.
+    let other = db.reopen().await.unwrap();
+    assert!(
+        other
+            .claim_job("audit.checkpoint", 1_600, 600)
+            .await
+            .unwrap()
+    );
+    assert!(!s.claim_job("audit.checkpoint", 1_600, 600).await.unwrap());
 }
 
 async fn token_updates_are_fenced_by_version(db: &Db) {
@@ -684,6 +810,7 @@ async fn refresh_work_is_claimed_once_and_covers_every_reason(db: &Db) {
     s.commit_release(
         None,
         &[jti("k")],
+        &[],
         Some("cac_1"),
         &AuditRecord {
             at: 50,
@@ -1231,6 +1358,7 @@ async fn a_release_decided_at_a_stale_revision_writes_nothing(db: &Db) {
         .commit_release(
             Some(stale),
             &[jti("a:1")],
+            &[],
             Some("cac_1"),
             &audit("token.release"),
         )
@@ -1246,6 +1374,7 @@ async fn a_release_decided_at_a_stale_revision_writes_nothing(db: &Db) {
     s.commit_release(
         Some(current),
         &[jti("a:1")],
+        &[],
         Some("cac_1"),
         &audit("token.release"),
     )
@@ -1261,12 +1390,24 @@ async fn a_release_decided_at_a_stale_revision_writes_nothing(db: &Db) {
     assert_eq!(a.last_used_at, Some(1));
     assert_eq!(s.config_revision().await.unwrap(), current);
     // Also without an account.
-    s.commit_release(Some(current), &[jti("a:2")], None, &audit("token.release"))
-        .await
-        .unwrap();
+    s.commit_release(
+        Some(current),
+        &[jti("a:2")],
+        &[],
+        None,
+        &audit("token.release"),
+    )
+    .await
+    .unwrap();
     assert!(matches!(
-        s.commit_release(Some(stale), &[jti("a:3")], None, &audit("token.release"))
-            .await,
+        s.commit_release(
+            Some(stale),
+            &[jti("a:3")],
+            &[],
+            None,
+            &audit("token.release")
+        )
+        .await,
         Err(ReleaseError::Stale(_))
     ));
 }
@@ -1993,8 +2134,14 @@ async fn deleting_a_user_removes_what_is_theirs_and_keeps_the_audit_trail(db: &D
     assert!(s.config_revision().await.unwrap() > revision);
     // A release of the deleted user's account finds no account.
     assert!(matches!(
-        s.commit_release(None, &[jti("j")], Some("cac_1"), &audit("token.release"))
-            .await,
+        s.commit_release(
+            None,
+            &[jti("j")],
+            &[],
+            Some("cac_1"),
+            &audit("token.release")
+        )
+        .await,
         Err(ReleaseError::AccountInactive)
     ));
     assert!(!s.delete_user("usr_1", &audit("user.delete")).await.unwrap());

@@ -2,7 +2,8 @@
 //! deny by default, scopes outside the grant, each risk level, allowed hours (moving the
 //! clock in and out of a window), the IP allow-list, the lifetime cap, and quotas under
 //! concurrency (10× the limit admits the limit, the rest get 429 with `Retry-After`), per
-//! agent and per user. Every refusal is a `token.deny` audit entry naming the rule.
+//! agent and per user, and across a restart. Every refusal is a `token.deny` audit entry
+//! naming the rule.
 
 use std::sync::Arc;
 
@@ -453,6 +454,38 @@ async fn quotas_hold_at_ten_times_the_limit() {
     )
     .await;
     ts.clock.advance(retry);
+    ts.post_form(&ts.exchange_params()).await.token();
+}
+
+/// The count that holds is the database's (counted with each release): a restart does not
+/// give the day's quota back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_holds_across_a_restart() {
+    use latchkey_core::clock::{Clock, SystemClock};
+    let ts = TestServer::start().await;
+    ts.connect_demo_account().await;
+    ts.grant("read:user repo:read", &["--per-day", "3"]);
+    align(&ts, 86_400, 3600);
+    for _ in 0..3 {
+        ts.post_form(&ts.exchange_params()).await.token();
+    }
+    // The restarted server's clock is moved to where this one's was: the same UTC day.
+    let offset = ts.now() - SystemClock.now();
+    let (dir, config) = ts.stop().await;
+    let ts = TestServer::start_with(dir, config).await;
+    ts.clock.advance(offset);
+    refused(
+        &ts,
+        &ts.exchange_params(),
+        429,
+        "too_many_requests",
+        "(--per-day 3)",
+    )
+    .await;
+    // The next day, admitted again (reconnected: the restarted demo provider forgot its
+    // tokens, and the stored one has expired by then).
+    align(&ts, 86_400, 60);
+    ts.connect_demo_account().await;
     ts.post_form(&ts.exchange_params()).await.token();
 }
 

@@ -149,7 +149,11 @@ impl Vault {
             notify: None,
         };
         let jtis: Vec<JtiUse> = client.assertion_jti.into_iter().collect();
-        match self.store.commit_release(None, &jtis, None, &audit).await {
+        match self
+            .store
+            .commit_release(None, &jtis, &[], None, &audit)
+            .await
+        {
             Ok(()) => {}
             Err(ReleaseError::Replay(_)) => {
                 return Err(OAuthError::invalid_client(
@@ -157,7 +161,11 @@ impl Vault {
                 ));
             }
             Err(ReleaseError::Store(e)) => return Err(store_err(e)),
-            Err(ReleaseError::AccountInactive | ReleaseError::Stale(_)) => {
+            Err(
+                ReleaseError::AccountInactive
+                | ReleaseError::Stale(_)
+                | ReleaseError::QuotaReached(_),
+            ) => {
                 return Err(OAuthError::storage_unavailable());
             }
         }
@@ -492,6 +500,8 @@ impl Vault {
                 audit_context: caller.audit_context.clone(),
                 ctx,
                 jtis: &jtis,
+                policy: &policy,
+                quotas: quota.uses(),
                 revision: attempt.revision,
             },
             |i| {
@@ -584,7 +594,11 @@ impl Vault {
         };
         // Through the release writer (nothing to consume, no account to check): it commits
         // many entries per transaction under load.
-        if let Err(err) = self.store.commit_release(None, &[], None, &audit).await {
+        if let Err(err) = self
+            .store
+            .commit_release(None, &[], &[], None, &audit)
+            .await
+        {
             let err = match err {
                 ReleaseError::Store(e) => e.to_string(),
                 other => format!("{other:?}"),

@@ -54,7 +54,8 @@ impl Vault {
         Ok(cp)
     }
 
-    /// A checkpoint when the last one is older than `every` seconds and entries came since.
+    /// A checkpoint when the last one is older than `every` seconds and entries came since,
+    /// written by one process or node only (the job is claimed through the database).
     pub async fn periodic_audit_checkpoint(&self, every: i64) -> Result<(), OAuthError> {
         let last = self.store.audit_checkpoints().await.map_err(store_err)?;
         let head = self.store.list_audit(1).await.map_err(store_err)?;
@@ -63,7 +64,13 @@ impl Vault {
             (None, Some(_)) => true,
             (Some(cp), Some(h)) => h.seq > cp.seq && self.now() - cp.at >= every,
         };
-        if due {
+        if due
+            && self
+                .store
+                .claim_job("audit.checkpoint", self.now(), every)
+                .await
+                .map_err(store_err)?
+        {
             self.audit_checkpoint().await?;
         }
         Ok(())

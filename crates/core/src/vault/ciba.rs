@@ -768,6 +768,8 @@ impl Vault {
             audit_context: a.audit_context.clone(),
             ctx,
             jtis: &jtis,
+            policy,
+            quotas: quota.uses(),
             revision: None,
         };
         self.commit_agent_release(release, |i| {

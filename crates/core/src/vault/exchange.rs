@@ -103,6 +103,10 @@ pub(super) struct Release<'a> {
     pub audit_context: Option<String>,
     pub ctx: &'a RequestContext,
     pub jtis: &'a [JtiUse],
+    /// The grant's policy, and the release's slots in its quotas
+    /// ([`crate::rate::QuotaReservation::uses`]), counted by the store with the release.
+    pub policy: &'a crate::policy::GrantPolicy,
+    pub quotas: Vec<crate::store::QuotaUse>,
     /// The configuration revision the release was decided at, if it read the cache: it
     /// commits only if the configuration is still there.
     pub revision: Option<i64>,
@@ -630,6 +634,8 @@ impl Vault {
             audit_context: subject.audit_context,
             ctx,
             jtis: &jtis,
+            policy: &policy,
+            quotas: quota.uses(),
             revision: at,
         };
         self.commit_agent_release(release, |i| {
@@ -688,11 +694,19 @@ impl Vault {
         };
         match self
             .store
-            .commit_release(r.revision, r.jtis, Some(r.account_id), &audit)
+            .commit_release(r.revision, r.jtis, &r.quotas, Some(r.account_id), &audit)
             .await
         {
             Ok(()) => Ok(()),
             Err(ReleaseError::Replay(i)) => Err(replay(i)),
+            // Other nodes (or this one before a restart) used up the window.
+            Err(ReleaseError::QuotaReached(i)) => Err(quota_reached(
+                &r.policy.quotas.rules()[i],
+                &r.agent.id,
+                r.user_id,
+                &r.connection.name,
+                (r.quotas[i].window_end - audit.at).max(1) as u64,
+            )),
             Err(ReleaseError::AccountInactive) => Err(OAuthError::not_connected(
                 &r.connection.name,
                 self.config.connect_uri(&r.connection.name),
@@ -818,21 +832,11 @@ impl Vault {
             })
             .collect();
         self.quotas.reserve(&checks, self.now()).map_err(|e| {
-            let rule = rules[e.index];
-            let who = match rule.subject {
-                crate::policy::QuotaSubject::Agent => format!("agent {}", grant.agent_id),
-                crate::policy::QuotaSubject::User => format!("user {user_id}"),
-            };
-            OAuthError::too_many_requests(
-                format!(
-                    "quota reached: {who} has had {} exchanges on {} this {} ({} {}); retry in {} s",
-                    rule.limit,
-                    connection.name,
-                    rule.window.as_str(),
-                    rule.flag(),
-                    rule.limit,
-                    e.retry_after
-                ),
+            quota_reached(
+                &rules[e.index],
+                &grant.agent_id,
+                user_id,
+                &connection.name,
                 e.retry_after,
             )
         })
@@ -1130,6 +1134,31 @@ pub(super) struct Subject {
     pub audit_context: Option<String>,
     /// The subject token's single-use identifier, consumed with the release.
     pub jti: Option<JtiUse>,
+}
+
+/// 429 for a quota `rule` that has no room left in its window (counted by this node, or by
+/// the database across every node).
+fn quota_reached(
+    rule: &crate::policy::QuotaRule,
+    agent_id: &str,
+    user_id: &str,
+    connection: &str,
+    retry_after: u64,
+) -> OAuthError {
+    let who = match rule.subject {
+        crate::policy::QuotaSubject::Agent => format!("agent {agent_id}"),
+        crate::policy::QuotaSubject::User => format!("user {user_id}"),
+    };
+    OAuthError::too_many_requests(
+        format!(
+            "quota reached: {who} has had {} exchanges on {connection} this {} ({} {}); retry in {retry_after} s",
+            rule.limit,
+            rule.window.as_str(),
+            rule.flag(),
+            rule.limit,
+        ),
+        retry_after,
+    )
 }
 
 fn valid_jti(c: &Claims) -> Result<String, String> {

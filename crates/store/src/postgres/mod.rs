@@ -59,10 +59,14 @@ use crate::shared::{
 
 mod release;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("v1_schema.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("v1_schema.sql")),
+    (2, include_str!("v2_cluster.sql")),
+];
 
-/// Connections per node. Every request holds one only for its statements, so a few serve many.
-const POOL_SIZE: u32 = 10;
+/// Connections per node unless configured (`database_pool_size`). Every request holds one only
+/// for its statements, so a few serve many.
+pub const DEFAULT_POOL_SIZE: u32 = 10;
 /// No statement (lock waits included) runs longer: a stuck one fails instead of holding locks.
 const STATEMENT_TIMEOUT: &str = "30s";
 /// A transaction left open by a stalled node is ended, releasing its locks.
@@ -100,15 +104,18 @@ type Tx = Transaction<'static, Postgres>;
 
 impl PgStore {
     /// Connect to the database at `url` (`postgres://user:password@host:port/database?…`; TLS
-    /// as `sslmode` says), migrate it, and be ready.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// as `sslmode` says), with at most `pool_size` connections, migrate it, and be ready.
+    pub async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("the PostgreSQL URL: {e}")))?;
-        Self::connect_with(options).await
+        Self::connect_with(options, pool_size).await
     }
 
     /// [`PgStore::connect`] with options built by the caller.
-    pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
+    pub async fn connect_with(
+        options: PgConnectOptions,
+        pool_size: u32,
+    ) -> Result<Self, StoreError> {
         let options = if options.get_application_name().is_none() {
             options.application_name("latchkey")
         } else {
@@ -122,7 +129,7 @@ impl PgStore {
             ),
         ]);
         let pool = PgPoolOptions::new()
-            .max_connections(POOL_SIZE)
+            .max_connections(pool_size)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
@@ -1559,10 +1566,11 @@ impl Store for PgStore {
         &self,
         revision: Option<i64>,
         jtis: &[JtiUse],
+        quotas: &[QuotaUse],
         account_id: Option<&str>,
         audit: &AuditRecord,
     ) -> Result<(), ReleaseError> {
-        release::commit(self, revision, jtis, account_id, audit).await
+        release::commit(self, revision, jtis, quotas, account_id, audit).await
     }
 
     /// In small transactions, as on SQLite (no long-held locks); `SKIP LOCKED`, so nodes
@@ -1593,6 +1601,11 @@ impl Store for PgStore {
             .await
             .map_err(unavailable)?;
         sqlx::query("DELETE FROM connect_flows WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("DELETE FROM quota_counts WHERE window_end <= $1")
             .bind(now)
             .execute(&self.pool)
             .await
@@ -2016,6 +2029,23 @@ impl Store for PgStore {
             .await
             .map_err(unavailable)?;
         Ok(rows.iter().map(audit_row).collect())
+    }
+
+    /// One conditional upsert: the row's lock orders claimants, and only the first finds the
+    /// period over.
+    async fn claim_job(&self, name: &str, now: i64, period: i64) -> StoreResult<bool> {
+        let claimed = sqlx::query(
+            "INSERT INTO job_claims (name, next_at) VALUES ($1, $2 + $3) \
+             ON CONFLICT (name) DO UPDATE SET next_at = $2 + $3 WHERE job_claims.next_at <= $2",
+        )
+        .bind(name)
+        .bind(now)
+        .bind(period)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        Ok(claimed == 1)
     }
 
     /// `FOR UPDATE SKIP LOCKED`: senders on several nodes take disjoint batches; a delivery

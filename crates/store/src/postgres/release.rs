@@ -14,10 +14,13 @@
 //!    releases sharing `jti`s never wait for each other crosswise. A `jti` already stored, or
 //!    being stored by a release on another node that then commits, is not inserted:
 //!    [`ReleaseError::Replay`].
-//! 4. The audit entry, under the audit chain's lock (taken last, held to the commit).
+//! 4. The quota slots, one more use each unless at its limit ([`ReleaseError::QuotaReached`]):
+//!    an upsert whose row lock makes concurrent releases on any node count one after another,
+//!    in key order (as the `jti`s) so that two releases never wait for each other crosswise.
+//! 5. The audit entry, under the audit chain's lock (taken last, held to the commit).
 //!
 //! Nothing is written unless all of it is: any refusal rolls the transaction back. The errors
-//! take SQLite's precedence (stale, then replay, then inactive account).
+//! take SQLite's precedence (stale, then replay, then inactive account, then quota).
 
 use super::*;
 
@@ -29,6 +32,7 @@ pub(super) async fn commit(
     store: &PgStore,
     revision: Option<i64>,
     jtis: &[JtiUse],
+    quotas: &[QuotaUse],
     account_id: Option<&str>,
     audit: &AuditRecord,
 ) -> Result<(), ReleaseError> {
@@ -116,7 +120,30 @@ pub(super) async fn commit(
     if !active {
         return Err(ReleaseError::AccountInactive);
     }
-    // 4. The audit entry, and the commit.
+    // 4. The quota slots.
+    let mut order: Vec<usize> = (0..quotas.len()).collect();
+    order.sort_by(|&a, &b| quotas[a].key.cmp(&quotas[b].key));
+    for i in order {
+        let q = &quotas[i];
+        let counted = q.limit > 0
+            && sqlx::query(
+                "INSERT INTO quota_counts (key, window_end, n) VALUES ($1, $2, 1) \
+                 ON CONFLICT (key) DO UPDATE SET n = quota_counts.n + 1 \
+                 WHERE quota_counts.n < $3",
+            )
+            .bind(&q.key)
+            .bind(q.window_end)
+            .bind(i64::from(q.limit))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected()
+                == 1;
+        if !counted {
+            return Err(ReleaseError::QuotaReached(i));
+        }
+    }
+    // 5. The audit entry, and the commit.
     insert_audit(&mut tx, &store.audit.sink(), audit).await?;
     tx.commit().await.map_err(unavailable)?;
     Ok(())

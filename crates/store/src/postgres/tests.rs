@@ -10,7 +10,8 @@ use tokio::task::JoinSet;
 
 use super::*;
 use crate::conformance::{
-    PgTestDb, account, approval, audit, audit_key, auth_code, family, jti, seed, user, verify_chain,
+    PgTestDb, account, approval, audit, audit_key, auth_code, family, jti, quota, seed, user,
+    verify_chain,
 };
 
 /// A fresh database and `n` nodes on it.
@@ -61,7 +62,7 @@ async fn nodes_starting_together_migrate_once() {
     let mut tasks = JoinSet::new();
     for _ in 0..4 {
         let options = options.clone();
-        tasks.spawn(async move { PgStore::connect_with(options).await });
+        tasks.spawn(async move { PgStore::connect_with(options, DEFAULT_POOL_SIZE).await });
     }
     let stores: Vec<PgStore> = tasks
         .join_all()
@@ -73,7 +74,8 @@ async fn nodes_starting_together_migrate_once() {
         .fetch_all(stores[0].pool())
         .await
         .unwrap();
-    assert_eq!(versions, [1]);
+    let known: Vec<i64> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+    assert_eq!(versions, known);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,6 +90,7 @@ async fn a_jti_is_consumed_once_across_nodes() {
                     jti(&format!("own:{round}:{i}")),
                     jti(&format!("shared:{round}")),
                 ],
+                &[],
                 Some("cac_1"),
                 &at(100 + round, "token.release"),
             )
@@ -117,6 +120,71 @@ async fn a_jti_is_consumed_once_across_nodes() {
         .await
         .unwrap();
     assert_eq!(releases.len(), 5);
+}
+
+/// A quota counted by three nodes at once admits exactly its limit, whichever node releases;
+/// the refused releases write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_admits_exactly_its_limit_across_nodes() {
+    let (_db, stores) = nodes(3).await;
+    seed(&stores[0]).await;
+    for round in 0..3 {
+        let key = format!("agent:agt_1:con_1:minute:{round}");
+        let outcomes = race(&stores, 8, |s, i| {
+            let key = key.clone();
+            async move {
+                s.commit_release(
+                    None,
+                    &[jti(&format!("q:{round}:{i}"))],
+                    &[quota(&key, 10, 60 * (round + 1))],
+                    Some("cac_1"),
+                    &at(100 + round, "token.release"),
+                )
+                .await
+            }
+        })
+        .await;
+        let won = outcomes.iter().filter(|o| o.is_ok()).count();
+        let full = outcomes
+            .iter()
+            .filter(|o| matches!(o, Err(ReleaseError::QuotaReached(0))))
+            .count();
+        assert_eq!((won, full), (10, 14), "{outcomes:?}");
+    }
+    let s = &stores[2];
+    let jtis: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM used_jtis")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    let counts: Vec<i64> = sqlx::query_scalar("SELECT n FROM quota_counts ORDER BY key")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert_eq!((jtis, counts), (30, vec![10, 10, 10]));
+    let releases = s
+        .query_audit(&AuditQuery {
+            action: Some("token.release".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(releases.len(), 30);
+}
+
+/// Nodes claiming a periodic job at once: one gets it, each period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_periodic_job_goes_to_one_node_a_period() {
+    let (_db, stores) = nodes(3).await;
+    for period in 0..3 {
+        let claims = race(&stores, 4, |s, _| async move {
+            s.claim_job("audit.checkpoint", 1_000 + 600 * period, 600)
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_eq!(claims.iter().filter(|c| **c).count(), 1, "{claims:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,9 +259,15 @@ async fn appends_from_every_node_form_one_gap_free_chain() {
             };
             if n % 3 == 0 {
                 // Releases append through their own transaction.
-                s.commit_release(None, &[jti(&format!("{i}/{n}"))], Some("cac_1"), &record)
-                    .await
-                    .unwrap();
+                s.commit_release(
+                    None,
+                    &[jti(&format!("{i}/{n}"))],
+                    &[],
+                    Some("cac_1"),
+                    &record,
+                )
+                .await
+                .unwrap();
             } else {
                 s.append_audit(&record).await.unwrap();
             }
@@ -307,6 +381,7 @@ async fn no_release_commits_after_a_revocation_on_another_node() {
                         .commit_release(
                             None,
                             &[jti(&format!("{t}/{n}"))],
+                            &[],
                             Some("cac_1"),
                             &at(5, "token.release"),
                         )
@@ -383,6 +458,7 @@ async fn a_configuration_change_on_another_node_waits_for_releases_decided_befor
                         .commit_release(
                             Some(revision),
                             &[jti(&format!("{t}/{n}"))],
+                            &[],
                             // Half with an account, half an agent's own token.
                             (n % 2 == 0).then_some("cac_1"),
                             &AuditRecord {
@@ -626,8 +702,14 @@ async fn a_release_waits_for_a_configuration_change_in_progress() {
         .unwrap();
     let s = stores[0].clone();
     let release = tokio::spawn(async move {
-        s.commit_release(Some(revision), &[jti("j")], None, &audit("token.release"))
-            .await
+        s.commit_release(
+            Some(revision),
+            &[jti("j")],
+            &[],
+            None,
+            &audit("token.release"),
+        )
+        .await
     });
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(!release.is_finished(), "{:?}", release.await);

@@ -38,6 +38,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("v6_approvals.sql")),
     (7, include_str!("v7_config_revision.sql")),
     (8, include_str!("v8_roles.sql")),
+    (9, include_str!("v9_cluster.sql")),
 ];
 
 #[derive(Clone, Debug)]
@@ -1277,6 +1278,7 @@ impl Store for SqliteStore {
         &self,
         revision: Option<i64>,
         jtis: &[JtiUse],
+        quotas: &[QuotaUse],
         account_id: Option<&str>,
         audit: &AuditRecord,
     ) -> Result<(), ReleaseError> {
@@ -1284,6 +1286,7 @@ impl Store for SqliteStore {
         let job = release::ReleaseJob {
             revision,
             jtis: jtis.to_vec(),
+            quotas: quotas.to_vec(),
             account_id: account_id.map(str::to_owned),
             audit: audit.clone(),
             reply,
@@ -1322,6 +1325,11 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         sqlx::query("DELETE FROM connect_flows WHERE expires_at < ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("DELETE FROM quota_counts WHERE window_end <= ?")
             .bind(now)
             .execute(&self.pool)
             .await
@@ -1750,6 +1758,23 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         Ok(rows.iter().map(audit_row).collect())
+    }
+
+    /// One conditional upsert: of processes claiming at once (the writer lock orders them),
+    /// only the first finds the period over.
+    async fn claim_job(&self, name: &str, now: i64, period: i64) -> StoreResult<bool> {
+        let claimed = sqlx::query(
+            "INSERT INTO job_claims (name, next_at) VALUES (?1, ?2 + ?3) \
+             ON CONFLICT(name) DO UPDATE SET next_at = ?2 + ?3 WHERE next_at <= ?2",
+        )
+        .bind(name)
+        .bind(now)
+        .bind(period)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        Ok(claimed == 1)
     }
 
     async fn claim_webhooks(

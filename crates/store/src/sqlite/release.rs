@@ -1,7 +1,7 @@
 //! Group commit for token releases: the hot path's only write.
 //!
 //! Every release consumes its `jti`s, re-checks the configuration revision and the account,
-//! and appends its audit entry, and must be durable (`synchronous=FULL`) before the token
+//! counts its quota slots, and appends its audit entry, and must be durable (`synchronous=FULL`) before the token
 //! leaves. One transaction per release would make the disk's fsync rate the ceiling of the
 //! exchange rate. Instead, one writer takes the releases waiting at that moment and writes them
 //! in one transaction, each inside its own savepoint (so a replayed `jti`, a revoked account or
@@ -41,6 +41,9 @@ const JTI_PURGE: &str = "DELETE FROM used_jtis WHERE key IN \
 const ACCOUNT_STATE: &str =
     "SELECT status = 'active', last_used_at FROM connected_accounts WHERE id = ?";
 const ACCOUNT_TOUCH: &str = "UPDATE connected_accounts SET last_used_at = ? WHERE id = ?";
+/// One more use of a quota slot, unless it is at its limit (then nothing changes).
+const QUOTA_COUNT: &str = "INSERT INTO quota_counts (key, window_end, n) VALUES (?1, ?2, 1) \
+     ON CONFLICT(key) DO UPDATE SET n = n + 1 WHERE n < ?3";
 /// `last_used_at` is kept to this many seconds: rewriting the account's row on every release
 /// would add a page to nearly every commit for a value nobody reads that finely.
 const LAST_USED_RESOLUTION: i64 = 60;
@@ -49,6 +52,7 @@ pub(super) struct ReleaseJob {
     /// The configuration revision the release was decided at, if the caller used a cache.
     pub revision: Option<i64>,
     pub jtis: Vec<JtiUse>,
+    pub quotas: Vec<QuotaUse>,
     /// The account whose token is released, if one is (an agent's own token has none).
     pub account_id: Option<String>,
     pub audit: AuditRecord,
@@ -244,6 +248,17 @@ fn release_one(
             conn.prepare_cached(ACCOUNT_TOUCH)
                 .and_then(|mut q| q.execute(params![job.audit.at, account_id]))
                 .map_err(sqlite)?;
+        }
+    }
+    let mut count = conn.prepare_cached(QUOTA_COUNT).map_err(sqlite)?;
+    for (i, q) in job.quotas.iter().enumerate() {
+        if q.limit == 0
+            || count
+                .execute(params![q.key, q.window_end, q.limit])
+                .map_err(sqlite)?
+                == 0
+        {
+            return Err(ReleaseError::QuotaReached(i));
         }
     }
     append_audit(conn, sink, &job.audit)?;

@@ -101,7 +101,8 @@ async fn users_from_before_roles_become_users() {
     let s = SqliteStore::open(&path).await.unwrap();
     // Back to version 7, with a user written then.
     sqlx::raw_sql(
-        "DROP INDEX audit_events_agent_daily; ALTER TABLE users DROP COLUMN role; \
+        "DROP TABLE quota_counts; DROP TABLE job_claims; DELETE FROM schema_migrations WHERE version = 9; \
+         DROP INDEX audit_events_agent_daily; ALTER TABLE users DROP COLUMN role; \
          DELETE FROM schema_migrations WHERE version = 8; \
          INSERT INTO users (id, username, created_at) VALUES ('usr_old', 'old', 1);",
     )
