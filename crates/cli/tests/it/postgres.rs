@@ -379,6 +379,15 @@ async fn releases(ts: &TestServer) -> usize {
         .len()
 }
 
+/// Until `done`; fails the test after a minute instead of hanging it.
+async fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// A node of `ts`'s deployment as its own process: `latchkey serve` with the same data
 /// directory, database and public URL, on a port of its own (read from what it prints). It
 /// runs on the real clock, so `ts`'s clock must not have been moved. Killed when dropped.
@@ -519,16 +528,18 @@ async fn a_node_killed_under_load_loses_nothing_acknowledged() {
         });
     }
     // Load for a while, then the kill, then load on the others for a while.
-    while acknowledged[2].load(Ordering::SeqCst) < 150 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_for("150 releases on C", || {
+        acknowledged[2].load(Ordering::SeqCst) >= 150
+    })
+    .await;
     killing.store(true, Ordering::SeqCst);
     c.kill9().await;
     killed.store(true, Ordering::SeqCst);
     let at_kill: usize = acknowledged.iter().map(|n| n.load(Ordering::SeqCst)).sum();
-    while after_kill[0].load(Ordering::SeqCst) < 100 || after_kill[1].load(Ordering::SeqCst) < 100 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_for("100 releases each on A and B after the kill", || {
+        after_kill[0].load(Ordering::SeqCst) >= 100 && after_kill[1].load(Ordering::SeqCst) >= 100
+    })
+    .await;
     stop.store(true, Ordering::SeqCst);
     while let Some(w) = workers.join_next().await {
         w.unwrap();
