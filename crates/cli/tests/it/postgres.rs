@@ -8,15 +8,7 @@ use latchkey_server::config::Config;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_vault_runs_on_postgresql() {
-    let url = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: dir.path().join("data"),
-        listen: "127.0.0.1:0".into(),
-        database_url: Some(url.clone()),
-        ..Config::default()
-    };
-    let ts = TestServer::start_with(dir, config).await;
+    let (ts, _db) = TestServer::start_on(Backend::Postgres).await;
     // Nothing of the vault in the data directory but keys and certificates.
     assert!(!ts.config.data_dir.join("latchkey.db").exists());
 
@@ -64,7 +56,6 @@ async fn the_vault_runs_on_postgresql() {
         .await
         .assert_error(401, "federated_connection_refresh_token_not_found");
     ts.stop().await;
-    drop_database(&url).await;
 }
 
 /// `latchkey migrate` moves a SQLite deployment to PostgreSQL: the audit chain verifies before
@@ -80,7 +71,8 @@ async fn a_sqlite_deployment_moves_to_postgresql() {
     let entries_before = ts.vault.verify_audit(None).await.unwrap().unwrap().entries;
     let (dir, config) = ts.stop().await;
 
-    let url = fresh_database().await;
+    let db = PgDatabase::fresh().await;
+    let url = db.url.clone();
     let migrate = |to: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
             .args(["migrate", "--from"])
@@ -136,22 +128,13 @@ async fn a_sqlite_deployment_moves_to_postgresql() {
     let after = ts.vault.verify_audit(None).await.unwrap().unwrap();
     assert_eq!(after.entries, entries_before + 1);
     ts.stop().await;
-    drop_database(&url).await;
 }
 
 /// The periodic jobs go to one node: three vaults on one database asked at once for the
 /// audit checkpoint that is due write one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_due_audit_checkpoint_is_written_by_one_node() {
-    let url = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: dir.path().join("data"),
-        listen: "127.0.0.1:0".into(),
-        database_url: Some(url.clone()),
-        ..Config::default()
-    };
-    let ts = TestServer::start_with(dir, config).await;
+    let (ts, _db) = TestServer::start_on(Backend::Postgres).await;
     let mut vaults = vec![ts.vault.clone()];
     for _ in 0..2 {
         let clock = std::sync::Arc::new(ts.clock.clone());
@@ -173,7 +156,6 @@ async fn a_due_audit_checkpoint_is_written_by_one_node() {
         assert_eq!(after - before, 1, "round {round}: one checkpoint");
     }
     ts.stop().await;
-    drop_database(&url).await;
 }
 
 /// Another node of `ts`'s deployment: a second server in this process on its own port, with
@@ -234,15 +216,7 @@ async fn exchange_at(ts: &TestServer, base: &str, params: &[(String, String)]) -
 /// exactly one upstream refresh; a quota admits its limit over all the nodes together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_share_one_postgresql() {
-    let url = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: dir.path().join("data"),
-        listen: "127.0.0.1:0".into(),
-        database_url: Some(url.clone()),
-        ..Config::default()
-    };
-    let ts = TestServer::start_with(dir, config).await;
+    let (ts, _db) = TestServer::start_on(Backend::Postgres).await;
     let account = ts.connect_demo_account().await;
     let a = ts.issuer.clone();
     let (b, stop_b, task_b) = node(&ts).await;
@@ -362,7 +336,6 @@ async fn three_nodes_share_one_postgresql() {
         let _ = task.await;
     }
     ts.stop().await;
-    drop_database(&url).await;
 }
 
 /// The `token.release` entries on the trail.
@@ -466,15 +439,8 @@ impl NodeProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_under_load_loses_nothing_acknowledged() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let url = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: dir.path().join("data"),
-        listen: "127.0.0.1:0".into(),
-        database_url: Some(url.clone()),
-        ..Config::default()
-    };
-    let ts = std::sync::Arc::new(TestServer::start_with(dir, config).await);
+    let (ts, _db) = TestServer::start_on(Backend::Postgres).await;
+    let ts = std::sync::Arc::new(ts);
     ts.connect_demo_account().await;
     let b = NodeProcess::start(&ts, "node-b").await;
     let mut c = NodeProcess::start(&ts, "node-c").await;
@@ -573,5 +539,4 @@ async fn a_node_killed_under_load_loses_nothing_acknowledged() {
     assert_eq!(status, 200, "{body}");
     drop((b, c));
     std::sync::Arc::into_inner(ts).unwrap().stop().await;
-    drop_database(&url).await;
 }
