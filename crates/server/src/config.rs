@@ -8,67 +8,112 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment_file_provider_adapter::FileAdapter;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The server's configuration. `docs/configuration.md` is generated from this struct (its doc
+/// comments and `Config::default()`); `LATCHKEY_BLESS=1 cargo test -p latchkey-server --lib
+/// configuration_reference` rewrites it after a change here.
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address to listen on.
+    /// Address and port to listen on, `HOST:PORT` (`0.0.0.0:8750` for every IPv4 interface,
+    /// `[::]:8750` for IPv6). Also `--listen` on `latchkey serve` and `latchkey demo`. On a
+    /// wildcard address, set `public_url`: the default issuer is built from the bound address.
     pub listen: String,
-    /// Where the database, keys and certificates live.
+    /// Directory for what one node keeps on disk: the SQLite database `latchkey.db` (with its
+    /// `-wal` and `-shm` files), the key file `kek`, and `tls/` with the generated local CA and
+    /// server certificate (`latchkey demo` also writes `demo.json` and `demo-agent.key`).
+    /// Created mode 0700 if missing. Also `--data-dir` on every command.
     pub data_dir: PathBuf,
-    /// Serve plain HTTP (behind a TLS-terminating proxy). Requires `public_url`, unless local.
+    /// Serve plain HTTP instead of HTTPS, for running behind a TLS-terminating proxy. On a
+    /// non-loopback address it requires `public_url` (the proxy's `https://` URL). Also
+    /// `--http` on `latchkey serve` and `latchkey demo`.
     pub http: bool,
-    /// The public base URL, used as the issuer (`https://vault.example.com/`). Defaults to
-    /// `https://{listen}/`.
+    /// The public base URL clients use, which is also the issuer identifier in tokens,
+    /// discovery and assertions' `aud` (`https://vault.example.com/`; a trailing slash is
+    /// added if missing). Unset: `https://{listen}/` (`http://` with `http`). Every node of a
+    /// deployment must have the same one.
     pub public_url: Option<String>,
-    /// Operator-supplied certificate chain and key (PEM). Without them a local CA and a server
-    /// certificate are generated into `{data_dir}/tls/`.
+    /// PEM file with the server's certificate chain (leaf first), for HTTPS with the
+    /// operator's own certificate; needs `tls_key`. Unset (both): a local CA is kept in
+    /// `{data_dir}/tls/` (`ca.pem`, `ca-key.pem`) and signs a fresh server certificate for
+    /// `localhost`, the loopback addresses and the issuer's host at every start.
     pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1); needs `tls_cert`.
     pub tls_key: Option<PathBuf>,
-    /// The key-encryption key (base64 of 32 bytes). Default: the file `{data_dir}/kek`, created
-    /// on first start. Prefer `LATCHKEY_KEK_FILE` to passing the key itself.
+    /// The key-encryption key that wraps the data keys: base64 of 32 random bytes. Unset: the
+    /// file `{data_dir}/kek` (mode 0600), created together with a new database; an existing
+    /// database without its key stays sealed (the server refuses to start). Prefer
+    /// `LATCHKEY_KEK_FILE` (a file holding the key) to the key itself in the environment or
+    /// the configuration file. It is never stored in the database or its backups: back it up
+    /// separately. With this set, `latchkey key rotate --kek` refuses (rotate it where it is
+    /// kept).
+    #[schemars(extend("x-secret" = true))]
     pub kek: Option<String>,
-    /// Defaults to `sqlite:{data_dir}/latchkey.db`.
+    /// The database: `sqlite:PATH` (also `sqlite://PATH`), or
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DATABASE` (also `postgresql://`; add
+    /// `?sslmode=require` or `?sslmode=verify-full` for TLS). Unset:
+    /// `sqlite:{data_dir}/latchkey.db`. With PostgreSQL the data directory keeps only the key
+    /// file and certificates (`docs/postgres.md`).
     pub database_url: Option<String>,
-    /// PostgreSQL: connections this node opens at most (an upstream refresh holds one for the
-    /// provider call). Keep the sum over all nodes below the server's `max_connections`.
+    /// PostgreSQL: the most connections this node opens (an upstream refresh holds one for the
+    /// provider call). At least 1. Keep the sum over all nodes below the server's
+    /// `max_connections`.
     pub database_pool_size: u32,
-    /// Log filter (`info`, `latchkey=debug`, …).
+    /// Log filter for `latchkey serve` and `latchkey demo`, in `tracing` `EnvFilter` syntax
+    /// (`info`, `warn`, `latchkey_core=debug,info`). `RUST_LOG`, when set, wins. Logs go to
+    /// standard error; administrative commands log at `warn`.
     pub log: String,
-    /// Deadline for every call to an upstream provider, in seconds.
+    /// Deadline for each call to an upstream provider's OAuth endpoints (code exchange,
+    /// refresh, revocation), connecting included, in seconds.
     pub upstream_timeout_secs: u64,
-    /// Lifetime of access tokens the built-in demo provider issues, in seconds.
+    /// `latchkey demo` only: lifetime of the access tokens the built-in demo provider issues,
+    /// in seconds.
     pub demo_access_token_ttl: i64,
-    /// Token requests one agent may make per minute on this node; 0 means unlimited.
+    /// Token requests one agent may make per minute, counted per node in memory (a restart
+    /// empties it); 0 means unlimited. Over it: `429 too_many_requests` with `Retry-After`.
+    /// The grants' own quotas (`docs/policy.md`) are counted in the database instead.
     pub agent_requests_per_minute: u32,
-    /// Where signed webhooks (account health) are POSTed; https, or http on a loopback host.
+    /// Where signed webhooks are POSTed (`account.needs_reauth`, `account.recovered`,
+    /// `approval.requested`, `approval.decided`, and `audit.entry` with `audit_webhook`):
+    /// `https://`, or `http://` on a loopback host. Needs `webhook_secret`. See
+    /// `docs/webhooks.md`.
     pub webhook_url: Option<String>,
-    /// The HMAC-SHA256 key that signs webhooks (at least 32 characters). Prefer
-    /// `LATCHKEY_WEBHOOK_SECRET_FILE`.
+    /// The HMAC-SHA256 key that signs webhooks, at least 32 characters (surrounding
+    /// whitespace is trimmed). Needs `webhook_url`. Prefer `LATCHKEY_WEBHOOK_SECRET_FILE`.
+    #[schemars(extend("x-secret" = true))]
     pub webhook_secret: Option<String>,
-    /// Delete audit entries older than this many days (after signing a checkpoint that covers
-    /// them); 0 keeps everything.
+    /// Delete audit entries older than this many days, checked every minute: a signed
+    /// checkpoint covering them is stored first, and an `audit.prune` entry records the cut.
+    /// 0 keeps everything.
     pub audit_retention_days: u32,
-    /// Also send every audit entry to `webhook_url` (event `audit.entry`), at least once,
-    /// off the request path.
+    /// Also send every audit entry to `webhook_url` (event `audit.entry`), at least once, from
+    /// an outbox written in the entry's own transaction; delivery never blocks a request.
+    /// Needs `webhook_url`.
     pub audit_webhook: bool,
-    /// Longest time an approval request (CIBA `requested_expiry`, or an exchange held for
-    /// approval) waits for the user's decision, in seconds; also the default.
+    /// Longest time an approval request waits for the user's decision, in seconds: the default
+    /// for CIBA requests and exchanges held for approval, and the most a CIBA
+    /// `requested_expiry` may ask. At least 1.
     pub approval_expiry_secs: i64,
-    /// Seconds a client must wait between polls of a request (`interval`).
+    /// Seconds a client must wait between polls of an approval request (the `interval` it is
+    /// told; faster polls get `slow_down`). At least 1.
     pub approval_interval_secs: i64,
-    /// Once approved, seconds in which it may be redeemed (and covers identical exchanges).
+    /// Once approved, seconds in which the request may be redeemed; a medium or high approval
+    /// also covers identical exchanges for this long. At least 1.
     pub approval_valid_secs: i64,
-    /// Approving a high or critical request needs a TOTP code given within this many minutes.
+    /// Approving a high or critical request needs a TOTP code given within this many minutes
+    /// (otherwise the approvals page asks for one). 0 asks every time.
     pub step_up_minutes: i64,
-    /// Pending approval requests one user may have at a time (more: 429).
+    /// Pending approval requests one user may have at a time (more: 429). At least 1.
     pub approvals_pending_per_user: i64,
-    /// Pending approval requests one agent may have at a time (more: 429).
+    /// Pending approval requests one agent may have at a time (more: 429). At least 1.
     pub approvals_pending_per_agent: i64,
-    /// Largest request body an agent may send through `/proxy` (bytes; more: 413).
+    /// Largest request body an agent may send through `/proxy`, in bytes (more: 413, before
+    /// anything goes to the provider).
     pub proxy_max_request_bytes: usize,
-    /// Largest answer a provider may send back through `/proxy` (bytes; more is cut).
+    /// Largest answer a provider may send back through `/proxy`, in bytes: a larger
+    /// `Content-Length` is answered 502, a longer body without one is cut.
     pub proxy_max_response_bytes: u64,
-    /// Deadline for a whole call through `/proxy`, answer included, in seconds.
+    /// Deadline for a whole call through `/proxy`, answer included, in seconds (more: 504; at
+    /// least 1).
     pub proxy_timeout_secs: u64,
 }
 
@@ -295,6 +340,288 @@ mod tests {
         ] {
             let err = with(url, secret).webhook().unwrap_err();
             assert!(err.contains(why), "{err}");
+        }
+    }
+
+    // --- docs/configuration.md, generated from this struct ----------------------------------
+
+    /// How the reference groups the keys; a key in no group is listed under "Other keys", so
+    /// a new key never goes missing from the page.
+    const SECTIONS: &[(&str, &[&str])] = &[
+        (
+            "Listening and TLS",
+            &["listen", "public_url", "http", "tls_cert", "tls_key"],
+        ),
+        (
+            "Storage and keys",
+            &["data_dir", "database_url", "database_pool_size", "kek"],
+        ),
+        (
+            "Providers",
+            &["upstream_timeout_secs", "demo_access_token_ttl"],
+        ),
+        (
+            "Agents and the proxy",
+            &[
+                "agent_requests_per_minute",
+                "proxy_max_request_bytes",
+                "proxy_max_response_bytes",
+                "proxy_timeout_secs",
+            ],
+        ),
+        (
+            "Approvals",
+            &[
+                "approval_expiry_secs",
+                "approval_interval_secs",
+                "approval_valid_secs",
+                "step_up_minutes",
+                "approvals_pending_per_user",
+                "approvals_pending_per_agent",
+            ],
+        ),
+        (
+            "Webhooks and the audit trail",
+            &[
+                "webhook_url",
+                "webhook_secret",
+                "audit_webhook",
+                "audit_retention_days",
+            ],
+        ),
+        ("Logging", &["log"]),
+    ];
+
+    const INTRO: &str = "\
+# Configuration reference
+
+<!-- Generated from `Config` in crates/server/src/config.rs (its doc comments and
+`Config::default()`). Do not edit by hand: change the doc comments, then run
+`LATCHKEY_BLESS=1 cargo test -p latchkey-server --lib configuration_reference`. -->
+
+Every key of the server's configuration, as `latchkey serve`, `latchkey demo` and the
+administrative commands read it. Each value comes from the first of these that sets it:
+
+1. **command-line flags**: `--data-dir DIR` (a global flag), `--listen ADDR` and `--http`
+   (`serve` and `demo`);
+2. **environment variables** `LATCHKEY_<KEY>`: the key in capitals (`LATCHKEY_DATABASE_URL`).
+   Secrets can also be read from a file: `LATCHKEY_<KEY>_FILE=/path` (the file's contents
+   are the value), which keeps them out of the process environment;
+3. **the configuration file**, TOML: `latchkey.toml` in the working directory when it exists,
+   or the file given with `--config FILE` (which must exist). Secrets there can be
+   `<key>_file = \"/path\"` as well;
+4. **the defaults** below.
+
+An unknown key is an error, in the file and in the environment alike: any variable that
+starts with `LATCHKEY_` must name a key below (typos are caught, not ignored).
+
+```toml
+# /etc/latchkey/latchkey.toml
+listen = \"0.0.0.0:8750\"
+public_url = \"https://vault.example.com/\"
+data_dir = \"/var/lib/latchkey\"
+tls_cert = \"/etc/latchkey/tls/fullchain.pem\"
+tls_key = \"/etc/latchkey/tls/key.pem\"
+webhook_url = \"https://hooks.example.com/latchkey\"
+webhook_secret_file = \"/etc/latchkey/webhook.secret\"
+```
+";
+
+    fn markdown_value(key: &str, v: &serde_json::Value) -> String {
+        match v {
+            serde_json::Value::Null => "unset".into(),
+            serde_json::Value::String(s) => format!("`\"{s}\"`"),
+            serde_json::Value::Number(n) => {
+                let mib = n
+                    .as_u64()
+                    .filter(|b| key.ends_with("_bytes") && b % (1 << 20) == 0);
+                match mib {
+                    Some(b) => format!("`{n}` ({} MiB)", b >> 20),
+                    None => format!("`{n}`"),
+                }
+            }
+            other => format!("`{other}`"),
+        }
+    }
+
+    fn markdown_type(p: &serde_json::Value) -> String {
+        let types: Vec<&str> = match &p["type"] {
+            serde_json::Value::String(t) => vec![t.as_str()],
+            serde_json::Value::Array(ts) => ts.iter().filter_map(|t| t.as_str()).collect(),
+            _ => vec![],
+        };
+        let optional = types.contains(&"null");
+        let base = types
+            .iter()
+            .find(|t| **t != "null")
+            .copied()
+            .unwrap_or("any");
+        let base = match (base, p["minimum"].as_f64()) {
+            ("integer", Some(0.0)) => "integer ≥ 0".to_owned(),
+            (t, _) => t.to_owned(),
+        };
+        if optional {
+            format!("{base}, optional")
+        } else {
+            base
+        }
+    }
+
+    /// The Markdown reference for `Config`.
+    fn configuration_markdown() -> String {
+        let schema = serde_json::to_value(schemars::schema_for!(Config)).expect("schema");
+        let properties = schema["properties"].as_object().expect("properties");
+        let defaults = serde_json::to_value(Config::default()).expect("defaults");
+        let mut sections: Vec<(&str, Vec<&str>)> = SECTIONS
+            .iter()
+            .map(|(title, keys)| {
+                let known = keys.iter().copied().filter(|k| properties.contains_key(*k));
+                (*title, known.collect())
+            })
+            .collect();
+        let grouped: Vec<&str> = SECTIONS
+            .iter()
+            .flat_map(|(_, k)| k.iter().copied())
+            .collect();
+        let other: Vec<&str> = properties
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !grouped.contains(k))
+            .collect();
+        if !other.is_empty() {
+            sections.push(("Other keys", other));
+        }
+
+        let env = |key: &str, p: &serde_json::Value| {
+            let name = format!("LATCHKEY_{}", key.to_uppercase());
+            if p["x-secret"] == serde_json::Value::Bool(true) {
+                format!("`{name}`, `{name}_FILE`")
+            } else {
+                format!("`{name}`")
+            }
+        };
+        let mut out = String::from(INTRO);
+        out.push_str(
+            "\n## All keys\n\n| key | type | default | environment |\n|---|---|---|---|\n",
+        );
+        for (_, keys) in &sections {
+            for key in keys {
+                let p = &properties[*key];
+                out.push_str(&format!(
+                    "| [`{key}`](#{key}) | {} | {} | {} |\n",
+                    markdown_type(p),
+                    markdown_value(key, &defaults[*key]),
+                    env(key, p)
+                ));
+            }
+        }
+        for (title, keys) in &sections {
+            out.push_str(&format!("\n## {title}\n"));
+            for key in keys {
+                let p = &properties[*key];
+                let text: Vec<&str> = ["title", "description"]
+                    .iter()
+                    .filter_map(|f| p[*f].as_str())
+                    .collect();
+                out.push_str(&format!(
+                    "\n### `{key}`\n\n{}; default {}; environment {}.\n\n{}\n",
+                    markdown_type(p),
+                    markdown_value(key, &defaults[*key]),
+                    env(key, p),
+                    text.join("\n\n")
+                ));
+            }
+        }
+        out
+    }
+
+    /// `docs/configuration.md` is what operators read; CI fails when it and the struct
+    /// disagree. `LATCHKEY_BLESS=1` rewrites it from the code. (Run it with the filter below:
+    /// the other tests here read the environment, and `LATCHKEY_BLESS` is no configuration
+    /// key.)
+    #[test]
+    fn configuration_reference_matches_docs() {
+        let built = configuration_markdown();
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/configuration.md");
+        if std::env::var_os("LATCHKEY_BLESS").is_some_and(|v| v == "1") {
+            std::fs::write(&path, &built).expect("write docs/configuration.md");
+            return;
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == built,
+            "docs/configuration.md is out of date with `Config` in crates/server/src/config.rs. \
+             Review the change, then run \
+             `LATCHKEY_BLESS=1 cargo test -p latchkey-server --lib configuration_reference` \
+             to rewrite it."
+        );
+    }
+
+    #[test]
+    fn configuration_reference_documents_every_key() {
+        let schema = serde_json::to_value(schemars::schema_for!(Config)).unwrap();
+        let properties = schema["properties"].as_object().unwrap();
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let documented: Vec<&str> = SECTIONS
+            .iter()
+            .flat_map(|(_, k)| k.iter().copied())
+            .collect();
+        for (key, p) in properties {
+            assert!(
+                p["description"].as_str().is_some_and(|d| d.len() > 20),
+                "`{key}` needs a doc comment: it becomes its entry in docs/configuration.md"
+            );
+            assert!(defaults.get(key).is_some(), "`{key}` has no default");
+            assert!(
+                documented.contains(&key.as_str()),
+                "`{key}` is in no section of SECTIONS (it would be listed under \"Other keys\")"
+            );
+        }
+        for key in documented {
+            assert!(
+                properties.contains_key(key),
+                "SECTIONS names `{key}`, which is no key"
+            );
+        }
+    }
+
+    /// The keys the reference marks as secrets are exactly those that load from
+    /// `LATCHKEY_<KEY>_FILE` and `<key>_file`.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API
+    fn secrets_and_only_secrets_load_from_files() {
+        let schema = serde_json::to_value(schemars::schema_for!(Config)).unwrap();
+        let properties = schema["properties"].as_object().unwrap().clone();
+        for (key, p) in &properties {
+            let secret = p["x-secret"] == serde_json::Value::Bool(true);
+            for how in ["env", "toml"] {
+                figment::Jail::expect_with(|jail| {
+                    jail.create_file("value.txt", "a-value-from-a-file")?;
+                    let loaded = if how == "env" {
+                        jail.set_env(format!("LATCHKEY_{}_FILE", key.to_uppercase()), "value.txt");
+                        Config::load(None)
+                    } else {
+                        jail.create_file("file.toml", &format!("{key}_file = \"value.txt\""))?;
+                        Config::load(Some(Path::new("file.toml")))
+                    };
+                    match loaded {
+                        Ok(c) => {
+                            assert!(
+                                secret,
+                                "{key} loads from a file ({how}) but is not marked x-secret"
+                            );
+                            let value = serde_json::to_value(&c).unwrap()[key.as_str()].clone();
+                            assert_eq!(value, "a-value-from-a-file", "{key} ({how})");
+                        }
+                        Err(e) => assert!(
+                            !secret,
+                            "{key} is marked x-secret but a file ({how}) failed: {e}"
+                        ),
+                    }
+                    Ok(())
+                });
+            }
         }
     }
 }
