@@ -3,18 +3,18 @@
 //! from stdin is POSTed there with the agent's own Latchkey token (client credentials with
 //! `private_key_jwt`, renewed before it expires) and the user it acts for, and the answer is
 //! written to stdout. The process holds only the agent's key: no vault key, no database, no
-//! upstream token (the tools run in the server, which injects them).
+//! upstream token (the tools run in the server, which injects them). The agent's token comes
+//! from the Rust SDK (`latchkey-client`), which caches and renews it.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use latchkey_crypto::keygen::SigningKey;
+use latchkey_client::{AccessToken, Client};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::token::{agent_key, client_assertion, http_client};
+use crate::token::{sdk_client, sdk_error};
 
 #[derive(Args)]
 pub struct McpArgs {
@@ -38,82 +38,26 @@ pub struct McpArgs {
     ca_cert: Option<PathBuf>,
 }
 
-/// The agent's Latchkey token, renewed a minute before it expires (or when refused).
-struct TokenSource {
-    http: reqwest::Client,
-    issuer: String,
-    client_id: String,
-    key: SigningKey,
-    current: Option<(String, Instant)>,
-}
-
-impl TokenSource {
-    async fn get(&mut self) -> Result<String> {
-        if let Some((token, until)) = &self.current
-            && Instant::now() < *until
-        {
-            return Ok(token.clone());
-        }
-        let form = [
-            ("grant_type", "client_credentials".to_owned()),
-            ("client_id", self.client_id.clone()),
-            (
-                "client_assertion_type",
-                latchkey_core::vault::ASSERTION_TYPE_JWT_BEARER.to_owned(),
-            ),
-            (
-                "client_assertion",
-                client_assertion(&self.key, &self.client_id, &self.issuer),
-            ),
-            ("resource", format!("{}mcp", self.issuer)),
-        ];
-        let resp = self
-            .http
-            .post(format!("{}oauth/token", self.issuer))
-            .form(&form)
-            .send()
-            .await
-            .with_context(|| format!("calling {}oauth/token", self.issuer))?;
-        let status = resp.status();
-        let body: Value = resp
-            .json()
-            .await
-            .context("the token endpoint did not answer JSON")?;
-        if !status.is_success() {
-            bail!(
-                "getting the agent's token: {} ({}): {}",
-                body["error"].as_str().unwrap_or("error"),
-                status.as_u16(),
-                body["error_description"].as_str().unwrap_or("")
-            );
-        }
-        let token = body["access_token"]
-            .as_str()
-            .context("no access_token in the answer")?
-            .to_owned();
-        let lifetime = body["expires_in"].as_u64().unwrap_or(60);
-        let until = Instant::now() + Duration::from_secs(lifetime.saturating_sub(60).max(5));
-        self.current = Some((token.clone(), until));
-        Ok(token)
-    }
+/// The agent's Latchkey token from the SDK's cache (renewed a minute before it expires).
+async fn agent_token(client: &Client) -> Result<AccessToken> {
+    client.agent_token().await.map_err(|e| {
+        sdk_error(e, &format!("{}oauth/token", client.issuer()))
+            .context("getting the agent's token")
+    })
 }
 
 pub async fn run(args: McpArgs) -> Result<()> {
-    let mut issuer = args.issuer.clone();
-    if !issuer.ends_with('/') {
-        issuer.push('/');
-    }
-    let http = http_client(args.ca_cert.as_deref())?;
-    let mut tokens = TokenSource {
-        http: http.clone(),
-        issuer: issuer.clone(),
-        client_id: args.client_id.clone(),
-        key: agent_key(&args.key, args.alg.as_deref())?,
-        current: None,
-    };
+    let client = sdk_client(
+        &args.issuer,
+        &args.client_id,
+        &args.key,
+        args.alg.as_deref(),
+        args.ca_cert.as_deref(),
+    )?
+    .build()?;
     // Fail at start, with the reason on stderr, rather than on the client's first message.
-    tokens.get().await?;
-    let endpoint = format!("{issuer}mcp");
+    agent_token(&client).await?;
+    let endpoint = format!("{}mcp", client.issuer());
     let mut protocol: Option<String> = None;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdout = tokio::io::stdout();
@@ -123,21 +67,20 @@ pub async fn run(args: McpArgs) -> Result<()> {
         }
         let message: Option<Value> = serde_json::from_str(&line).ok();
         let id = message.as_ref().and_then(|m| m.get("id")).cloned();
-        let answers =
-            match forward(&http, &mut tokens, &endpoint, &args.user, &protocol, &line).await {
-                Ok(answers) => answers,
-                Err(e) => {
-                    eprintln!("latchkey mcp: {e:#}");
-                    // A request gets an error answer; a notification gets nothing.
-                    id.map(|id| {
-                        vec![json!({
-                            "jsonrpc": "2.0", "id": id,
-                            "error": {"code": -32000, "message": format!("{e:#}")},
-                        })]
-                    })
-                    .unwrap_or_default()
-                }
-            };
+        let answers = match forward(&client, &endpoint, &args.user, &protocol, &line).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                eprintln!("latchkey mcp: {e:#}");
+                // A request gets an error answer; a notification gets nothing.
+                id.map(|id| {
+                    vec![json!({
+                        "jsonrpc": "2.0", "id": id,
+                        "error": {"code": -32000, "message": format!("{e:#}")},
+                    })]
+                })
+                .unwrap_or_default()
+            }
+        };
         for answer in answers {
             let is_init = message
                 .as_ref()
@@ -158,8 +101,7 @@ pub async fn run(args: McpArgs) -> Result<()> {
 /// return the JSON-RPC messages of the answer: none for a notification, one from a JSON
 /// answer, any number from an event stream.
 async fn forward(
-    http: &reqwest::Client,
-    tokens: &mut TokenSource,
+    client: &Client,
     endpoint: &str,
     user: &str,
     protocol: &Option<String>,
@@ -167,10 +109,11 @@ async fn forward(
 ) -> Result<Vec<Value>> {
     let mut renewed = false;
     loop {
-        let token = tokens.get().await?;
-        let mut req = http
+        let token = agent_token(client).await?;
+        let mut req = client
+            .http()
             .post(endpoint)
-            .bearer_auth(&token)
+            .bearer_auth(token.secret())
             .header("latchkey-user", user)
             .header("content-type", "application/json")
             .header("accept", "application/json, text/event-stream")
@@ -184,7 +127,7 @@ async fn forward(
             .with_context(|| format!("calling {endpoint}"))?;
         let status = resp.status();
         if status == reqwest::StatusCode::UNAUTHORIZED && !renewed {
-            tokens.current = None;
+            client.forget_agent_token(&token);
             renewed = true;
             continue;
         }
