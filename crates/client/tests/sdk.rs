@@ -919,4 +919,29 @@ async fn the_proxy_calls_the_api_without_the_agent_holding_a_token() {
         client.agent_token().await.unwrap().secret(),
         agent_token.secret()
     );
+
+    // A token refused by the proxy (the agent disabled) is dropped and a new one asked for
+    // once: here refused too, as invalid_client from the token endpoint (the proxy's own
+    // answer would be invalid_token).
+    let tokens = ts.audit_count("agent.token").await;
+    ts.vault
+        .set_agent_disabled(&ts.info.agent_id, true, &Actor::cli())
+        .await
+        .unwrap();
+    let e = proxy.get("/repos").send().await.unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidClient { code, status: 401, .. } if code == "invalid_client"),
+        "{e:?}"
+    );
+    ts.vault
+        .set_agent_disabled(&ts.info.agent_id, false, &Actor::cli())
+        .await
+        .unwrap();
+    let repos = proxy.clone().scope("repo:read").get("/repos").send().await;
+    assert_eq!(repos.unwrap().status(), 200);
+    assert_eq!(
+        ts.audit_count("agent.token").await,
+        tokens + 1,
+        "a new agent token"
+    );
 }
