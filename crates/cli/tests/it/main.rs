@@ -16,6 +16,7 @@ mod connected_accounts;
 mod crash;
 mod dashboard;
 mod dashboard_e2e;
+mod examples;
 mod health;
 mod interop;
 mod interop_ciba;
