@@ -536,6 +536,41 @@ async fn risky_calls_wait_for_the_users_approval_of_that_call() {
         )
         .await
         .unwrap();
+    // Approved as that call, not as a token: polling for it with the auth_req_id releases
+    // nothing, and an agent cannot dress up an exchange as an API call for the user.
+    let releases = ts.releases().await;
+    let poll: Vec<(String, String)> = [
+        ("grant_type", "urn:openid:params:grant-type:ciba".to_owned()),
+        ("client_id", ts.info.agent_id.clone()),
+        ("client_assertion_type", JWT_BEARER.to_owned()),
+        ("client_assertion", ts.assertion(json!({}))),
+        (
+            "auth_req_id",
+            body["auth_req_id"].as_str().unwrap().to_owned(),
+        ),
+    ]
+    .map(|(k, v)| (k.to_owned(), v))
+    .into();
+    let refused = ts.post_form(&poll).await;
+    refused.assert_error(400, "invalid_grant");
+    assert!(
+        refused.body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("POST /repos/hello-world/issues"),
+        "{:?}",
+        refused.body
+    );
+    let mut dressed = ts.exchange_params();
+    dressed.push(("scope".into(), "issues:write".into()));
+    dressed.push((
+        "authorization_details".into(),
+        json!([{"type": "api_call", "method": "GET", "path": "/user"}]).to_string(),
+    ));
+    ts.post_form(&dressed)
+        .await
+        .assert_error(400, "invalid_authorization_details");
+    assert_eq!(ts.releases().await, releases);
     let (status, _, body) = post().await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["title"], "from the proxy");

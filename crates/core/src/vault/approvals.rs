@@ -123,9 +123,6 @@ impl Vault {
                 "binding_message must be at most 64 letters, digits, spaces and +-_.,:#",
             ));
         }
-        if let Some(d) = &req.authorization_details {
-            super::ciba::parse_authorization_details(d)?;
-        }
         let mut a = self.new_approval(ApprovalKind::Exchange, &req.agent_id, &req.user_id);
         a.connection = Some(req.connection.clone());
         a.scopes = req.scopes.clone();

@@ -123,7 +123,28 @@ pub(super) fn parse_authorization_details(text: &str) -> Result<Value, OAuthErro
     {
         return Err(bad("entries must be objects with a `type`"));
     }
+    if items.iter().any(|i| i["type"] == API_CALL) {
+        return Err(bad(&format!(
+            "type `{API_CALL}` is Latchkey's own (the approval of one call through /proxy); use another type"
+        )));
+    }
     Ok(v)
+}
+
+/// The `authorization_details` type Latchkey itself writes for the approval of one API call it
+/// makes for an agent (`/proxy`, MCP `call_api`). Agents may not send it, so an approval that
+/// shows the user an API call never releases a token.
+pub(super) const API_CALL: &str = "api_call";
+
+/// The call an approval covers (`METHOD PATH`) when Latchkey asked for it for one API call.
+pub(super) fn approved_call(details: Option<&str>) -> Option<String> {
+    let v: Value = serde_json::from_str(details?).ok()?;
+    let call = v.as_array()?.iter().find(|d| d["type"] == API_CALL)?;
+    Some(format!(
+        "{} {}",
+        call["method"].as_str().unwrap_or("?"),
+        call["path"].as_str().unwrap_or("?")
+    ))
 }
 
 /// Digest of exactly what was asked: what an approval is bound to.
@@ -684,6 +705,13 @@ impl Vault {
         ctx: &RequestContext,
         attempt: &mut Attempt,
     ) -> Result<TokenResponse, OAuthError> {
+        // Approved as one call through Latchkey: the agent repeats that call, and gets no
+        // token for it.
+        if let Some(call) = approved_call(a.authorization_details.as_deref()) {
+            return Err(OAuthError::invalid_grant(format!(
+                "this approval covers one API call through Latchkey ({call}), not a token: repeat that call"
+            )));
+        }
         let agent = &client.agent;
         let connection_name = a.connection.as_deref().unwrap_or_default();
         let connection = self

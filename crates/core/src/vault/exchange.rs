@@ -951,13 +951,20 @@ impl Vault {
             // An API call through Latchkey is approved as that call (method and path); an
             // exchange, as the scopes it releases.
             let (request_hash, authorization_details) = match &ask.call {
-                None => (
-                    crate::policy::request_hash(&agent.id, user_id, &connection.name, &scope),
-                    ask.authorization_details.map(str::to_owned),
-                ),
+                None => {
+                    // The agent's own details, shown to the user: checked here (Latchkey's
+                    // own `api_call` type is refused).
+                    if let Some(d) = ask.authorization_details {
+                        super::ciba::parse_authorization_details(d)?;
+                    }
+                    (
+                        crate::policy::request_hash(&agent.id, user_id, &connection.name, &scope),
+                        ask.authorization_details.map(str::to_owned),
+                    )
+                }
                 Some(call) => {
                     let details = serde_json::json!([{
-                        "type": "api_call",
+                        "type": super::ciba::API_CALL,
                         "connection": connection.name,
                         "method": call.method,
                         "path": call.path,
