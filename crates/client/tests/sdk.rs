@@ -945,3 +945,456 @@ async fn the_proxy_calls_the_api_without_the_agent_holding_a_token() {
         "a new agent token"
     );
 }
+
+// --- examples/bounty_agent.rs -----------------------------------------------------------
+
+// The example's `run` against this server, as `cargo run --example bounty_agent` runs it (its
+// `main` only parses the arguments and sets the exit status).
+#[allow(dead_code)]
+#[path = "../examples/bounty_agent.rs"]
+mod bounty_agent;
+
+use bounty_agent::{Claim, WORKING_ON_IT, claim_body};
+
+impl TestServer {
+    /// The demo agent's grant with `repo:write`, which claims need (the demo leaves it out).
+    async fn grant_claims(&self) {
+        self.vault
+            .grant(
+                &self.info.agent_id,
+                "demo-git",
+                Scopes::parse("read:user repo:read issues:write repo:write"),
+                vec![],
+                &Actor::cli(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// An upstream token for the demo user (as the demo agent, not as the bounty agent).
+    async fn upstream(&self, scope: &str) -> String {
+        let client = self.client().audit_context("sdk test: set-up").build();
+        let req = TokenRequest::new("demo-git", &self.info.user_id).scope(scope);
+        client
+            .unwrap()
+            .token_for(&req)
+            .await
+            .unwrap()
+            .secret()
+            .to_owned()
+    }
+
+    /// File issues on hello-world, in order (#1, #2, …).
+    async fn file_issues(&self, issues: &[(&str, &str)]) {
+        let token = self.upstream("issues:write").await;
+        for (title, body) in issues {
+            let resp = self
+                .http
+                .post(self.url("/demo/api/repos/hello-world/issues"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"title": title, "body": body}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 201);
+        }
+    }
+
+    /// Issue number → the bodies of its comments, read from the demo provider.
+    async fn comments(&self) -> BTreeMap<u64, Vec<(u64, String)>> {
+        let token = self.upstream("repo:read").await;
+        let issues: Value = self
+            .http
+            .get(self.url("/demo/api/repos/hello-world/issues"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        issues
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let comments = i["comments"].as_array().unwrap().iter();
+                let comments = comments.map(|c| {
+                    let body = c["body"].as_str().unwrap().to_owned();
+                    (c["id"].as_u64().unwrap(), body)
+                });
+                (i["number"].as_u64().unwrap(), comments.collect())
+            })
+            .collect()
+    }
+
+    fn bounty_options(&self, approval_timeout: Duration) -> bounty_agent::Options {
+        bounty_agent::Options {
+            domain: self.issuer.trim_start_matches("https://").to_owned(),
+            data_dir: self.config.data_dir.clone(),
+            approval_timeout,
+            ..bounty_agent::Options::default()
+        }
+    }
+
+    /// The one pending approval, once the agent has asked (bounded: a test that waits forever
+    /// fails).
+    async fn pending_approval(&self) -> latchkey_core::model::Approval {
+        let filter = latchkey_core::store::ApprovalFilter {
+            user_id: None,
+            status: Some(latchkey_core::model::ApprovalStatus::Pending),
+            limit: 10,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut pending = self.vault.store().list_approvals(&filter).await.unwrap();
+            if !pending.is_empty() {
+                assert_eq!(pending.len(), 1, "{pending:?}");
+                return pending.remove(0);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no approval asked");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The agent's report as (issue, amount, claim), and its "working on this" comment ids.
+fn outcome(report: &bounty_agent::Report) -> (Vec<(u64, u64, Claim)>, Vec<u64>) {
+    let claims = report.bounties.iter();
+    let claims = claims
+        .map(|b| (b.issue, b.amount, b.claim.clone()))
+        .collect();
+    let working = report.bounties.iter().map(|b| b.working_comment).collect();
+    (claims, working)
+}
+
+fn working(comments: &[(u64, String)]) -> Vec<u64> {
+    let mine = comments.iter().filter(|c| c.1 == WORKING_ON_IT);
+    mine.map(|c| c.0).collect()
+}
+
+fn claims(comments: &BTreeMap<u64, Vec<(u64, String)>>) -> Vec<(u64, u64, String)> {
+    let all = comments
+        .iter()
+        .flat_map(|(n, cs)| cs.iter().map(move |c| (*n, c)));
+    let claims = all.filter(|(_, c)| bounty_agent::is_claim(&c.1));
+    claims.map(|(n, c)| (n, c.0, c.1.clone())).collect()
+}
+
+const BOUNTY_ISSUES: &[(&str, &str)] = &[
+    ("Typo in the README", "bounty: $50 for whoever fixes it"),
+    ("Crash on an empty config (Bounty: $1,250)", "steps below"),
+    ("How do I rotate keys?", "no reward here: just asking"),
+    ("Flaky login test", "BOUNTY: $100"),
+];
+
+/// The bounty agent (`examples/bounty_agent.rs`): "working on this" on every bounty issue at
+/// once; the claim of the one bounty above the threshold waits for the approval the test
+/// gives — while it waits the request is pending and no claim is on the provider — and is
+/// posted with the approved token; read back, every comment is where the report says. Run
+/// again, it repeats nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounty_agent_claims_above_the_threshold_once_approved() {
+    let ts = TestServer::start_with(|c| c.approval_interval_secs = 1).await;
+    let opts = ts.bounty_options(Duration::from_secs(60));
+
+    // Not connected yet: says where to connect, exit status 2.
+    let result = bounty_agent::run(&opts).await;
+    assert!(
+        matches!(&result, Err(bounty_agent::Failure::NotConnected { connect_url: Some(u) })
+            if *u == ts.url("/connect/demo-git")),
+        "{result:?}"
+    );
+    assert_eq!(bounty_agent::exit_code(&result), 2);
+
+    ts.connect_demo_account().await;
+    ts.grant_claims().await;
+    ts.file_issues(BOUNTY_ISSUES).await;
+    let agent = tokio::spawn(async move { bounty_agent::run(&opts).await });
+
+    // The agent asks for the claim's scopes, at high risk, and waits.
+    let approval = ts.pending_approval().await;
+    assert_eq!(
+        approval.scopes.to_string_spaced(),
+        "issues:write repo:write"
+    );
+    assert_eq!(approval.risk, "high");
+    assert_eq!(
+        approval.audit_context.as_deref(),
+        Some(bounty_agent::AUDIT_CONTEXT)
+    );
+    let before = ts.comments().await;
+    assert!(!agent.is_finished(), "waiting for the decision");
+    assert_eq!(claims(&before), vec![], "no claim before the approval");
+    for issue in [1, 2, 4] {
+        assert_eq!(working(&before[&issue]).len(), 1, "#{issue}: {before:?}");
+    }
+    assert_eq!(before[&3], vec![], "no bounty, no comment");
+
+    ts.decide(&approval.id, ApprovalDecision::Approve).await;
+    let report = tokio::time::timeout(Duration::from_secs(60), agent)
+        .await
+        .expect("the agent finishes once approved")
+        .unwrap()
+        .unwrap();
+    let after = ts.comments().await;
+    let [(claim_issue, claim_id, claim_text)] = &claims(&after)[..] else {
+        panic!("one claim: {after:?}")
+    };
+    assert_eq!(
+        (*claim_issue, claim_text.as_str()),
+        (2, claim_body(1250).as_str())
+    );
+    let (claimed, working_ids) = outcome(&report);
+    assert_eq!(
+        claimed,
+        vec![
+            (1, 50, Claim::NotNeeded),
+            (
+                2,
+                1250,
+                Claim::Claimed {
+                    comment: *claim_id,
+                    approval: Some(approval.id.clone())
+                }
+            ),
+            (4, 100, Claim::NotNeeded),
+        ]
+    );
+    assert_eq!(
+        working_ids,
+        [1, 2, 4].map(|i| working(&after[&i])[0]).to_vec()
+    );
+    assert_eq!(after[&3], vec![]);
+    assert_eq!(after[&2].len(), 2, "working on it, then the claim");
+    assert!(report.complete());
+    assert_eq!(bounty_agent::exit_code(&Ok(report)), 0);
+
+    // Again: everything is done already; no new comment, no new approval.
+    let again = bounty_agent::run(&ts.bounty_options(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(ts.comments().await, after);
+    let filter = latchkey_core::store::ApprovalFilter {
+        user_id: None,
+        status: None,
+        limit: 10,
+    };
+    let approvals = ts.vault.store().list_approvals(&filter).await.unwrap();
+    assert_eq!(approvals.len(), 1, "{approvals:?}");
+    assert_eq!(
+        again.bounties[1].claim,
+        Claim::AlreadyClaimed { comment: *claim_id }
+    );
+}
+
+/// The bounty agent when the claim is not approved: denied, it posts no claim, reports the
+/// denial and exits 0; asked again and undecided within its timeout, it posts no claim and
+/// exits non-zero — the low-value work done, once, either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounty_agent_claims_nothing_unless_approved() {
+    let ts = TestServer::start_with(|c| c.approval_interval_secs = 1).await;
+    ts.connect_demo_account().await;
+    ts.grant_claims().await;
+    ts.file_issues(&[("Small", "bounty: $20"), ("Big", "bounty: $500")])
+        .await;
+
+    // The operator denies.
+    let opts = ts.bounty_options(Duration::from_secs(60));
+    let agent = tokio::spawn(async move { bounty_agent::run(&opts).await });
+    let denied = ts.pending_approval().await;
+    assert!(!agent.is_finished(), "waiting for the decision");
+    ts.decide(&denied.id, ApprovalDecision::Deny).await;
+    let report = tokio::time::timeout(Duration::from_secs(60), agent)
+        .await
+        .expect("the agent finishes once denied")
+        .unwrap()
+        .unwrap();
+    let (claimed, working_ids) = outcome(&report);
+    assert_eq!(
+        claimed,
+        vec![
+            (1, 20, Claim::NotNeeded),
+            (
+                2,
+                500,
+                Claim::Denied {
+                    approval: Some(denied.id.clone())
+                }
+            ),
+        ]
+    );
+    let comments = ts.comments().await;
+    assert_eq!(claims(&comments), vec![], "no claim");
+    for (issue, id) in [1, 2].into_iter().zip(working_ids.clone()) {
+        assert_eq!(comments[&issue], vec![(id, WORKING_ON_IT.to_owned())]);
+    }
+    assert!(report.complete());
+    assert_eq!(bounty_agent::exit_code(&Ok(report)), 0);
+
+    // Again: a new request, and nobody decides within the agent's two seconds.
+    let report = bounty_agent::run(&ts.bounty_options(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let pending = ts.pending_approval().await;
+    assert_ne!(pending.id, denied.id);
+    let (claimed, again) = outcome(&report);
+    assert_eq!(
+        claimed,
+        vec![
+            (1, 20, Claim::NotNeeded),
+            (
+                2,
+                500,
+                Claim::Undecided {
+                    approval_url: ts.url(&format!("/ui/approvals/{}", pending.id))
+                }
+            ),
+        ]
+    );
+    assert_eq!(again, working_ids, "not said twice");
+    assert!(!report.complete());
+    assert_eq!(bounty_agent::exit_code(&Ok(report)), 1);
+    assert_eq!(ts.comments().await, comments, "nothing new");
+
+    // Nothing with repo:write was ever released.
+    let audit = ts.vault.store().list_audit(1000).await.unwrap();
+    let claim_releases = audit.iter().filter(|e| {
+        e.record.action == "token.release"
+            && e.record
+                .scopes
+                .as_deref()
+                .unwrap_or_default()
+                .contains("repo:write")
+    });
+    assert_eq!(claim_releases.count(), 0);
+}
+
+/// Each claim asks Latchkey again (no token cached from the claim before): with single-use
+/// (critical) approvals on the grant, two high-value bounties wait for two approvals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounty_agent_asks_again_for_each_claim() {
+    let ts = TestServer::start_with(|c| c.approval_interval_secs = 1).await;
+    ts.connect_demo_account().await;
+    ts.vault
+        .grant_with_policy(
+            &ts.info.agent_id,
+            "demo-git",
+            Scopes::parse("read:user repo:read issues:write repo:write"),
+            vec![],
+            GrantPolicy {
+                risk: BTreeMap::from([("repo:write".to_owned(), Risk::Critical)]),
+                ..GrantPolicy::default()
+            },
+            &Actor::cli(),
+        )
+        .await
+        .unwrap();
+    ts.file_issues(&[("One", "bounty: $200"), ("Two", "bounty: $300")])
+        .await;
+    let opts = ts.bounty_options(Duration::from_secs(60));
+    let agent = tokio::spawn(async move { bounty_agent::run(&opts).await });
+    let first = ts.pending_approval().await;
+    assert!(first.single_use);
+    ts.decide(&first.id, ApprovalDecision::Approve).await;
+    let second = ts.pending_approval().await;
+    assert_ne!(second.id, first.id);
+    let [(1, one, _)] = &claims(&ts.comments().await)[..] else {
+        panic!("#1 claimed, #2 not yet")
+    };
+    assert!(!agent.is_finished());
+    ts.decide(&second.id, ApprovalDecision::Approve).await;
+    let report = tokio::time::timeout(Duration::from_secs(60), agent)
+        .await
+        .expect("the agent finishes once approved")
+        .unwrap()
+        .unwrap();
+    let [(1, _, _), (2, two, _)] = &claims(&ts.comments().await)[..] else {
+        panic!("both claimed")
+    };
+    let (claimed, _) = outcome(&report);
+    let claim = |comment: &u64, approval: &latchkey_core::model::Approval| Claim::Claimed {
+        comment: *comment,
+        approval: Some(approval.id.clone()),
+    };
+    assert_eq!(
+        claimed,
+        vec![(1, 200, claim(one, &first)), (2, 300, claim(two, &second))]
+    );
+}
+
+/// The bounty format, the arguments, and the check of its own outcome failing when a comment
+/// it counts on is missing or a claim is where it made none.
+#[test]
+fn bounty_agent_parses_bounties_and_checks_its_outcome() {
+    use bounty_agent::{Bounty, find_bounty, parse_args, verify};
+    for (text, amount) in [
+        ("bounty: $250", Some(250)),
+        ("Fix it (BOUNTY:$1,500)", Some(1500)),
+        ("bounty: 250", None),
+        ("bounty: $ 5", None),
+        ("a bounty of $300", None),
+        ("bounty: later; bounty: $7", Some(7)),
+        ("", None),
+    ] {
+        assert_eq!(find_bounty(text), amount, "{text:?}");
+    }
+    let issue = serde_json::json!({"title": "no", "body": "bounty: $9"});
+    assert_eq!(bounty_agent::bounty_of(&issue), Some(9));
+
+    let args = |a: &[&str]| parse_args(a.iter().map(|s| s.to_string()));
+    let opts = args(&["--threshold", "500", "--repo=latchkey-notes"])
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (opts.threshold, opts.repo.as_str()),
+        (500, "latchkey-notes")
+    );
+    assert_eq!(opts.domain, "127.0.0.1:8750");
+    assert!(args(&["--help"]).unwrap().is_none());
+    for bad in [
+        &["--threshold", "lots"][..],
+        &["--repo", "../x"],
+        &["--nope"],
+        &["--repo"],
+    ] {
+        assert!(args(bad).is_err(), "{bad:?}");
+    }
+
+    let issues = |comments: Value| vec![serde_json::json!({"number": 2, "comments": comments})];
+    let bounty = |claim| Bounty {
+        issue: 2,
+        title: "Big".into(),
+        amount: 500,
+        working_comment: 7,
+        claim,
+    };
+    let working = serde_json::json!({"id": 7, "body": WORKING_ON_IT});
+    let claim = serde_json::json!({"id": 8, "body": claim_body(500)});
+    let claimed = || Claim::Claimed {
+        comment: 8,
+        approval: None,
+    };
+    let denied = || Claim::Denied { approval: None };
+    assert_eq!(
+        verify(
+            &[bounty(claimed())],
+            &issues(serde_json::json!([working, claim]))
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        verify(&[bounty(denied())], &issues(serde_json::json!([working]))),
+        Ok(())
+    );
+    for (b, comments) in [
+        (bounty(claimed()), serde_json::json!([working])),
+        (bounty(claimed()), serde_json::json!([claim])),
+        (bounty(denied()), serde_json::json!([working, claim])),
+        (bounty(Claim::NotNeeded), serde_json::json!([])),
+    ] {
+        let e = verify(&[b], &issues(comments.clone()));
+        assert!(matches!(&e, Err(p) if p.len() == 1), "{comments}: {e:?}");
+    }
+    assert!(verify(&[bounty(Claim::NotNeeded)], &[]).is_err(), "gone");
+}

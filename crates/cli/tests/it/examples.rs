@@ -4,8 +4,10 @@
 //! own data directory, its demo account connected through the same form posts a browser makes.
 //! Each test checks the example's own verdict (its exit status: wrong before the account is
 //! connected, right after) and then the outcome itself, read back independently (the comment on
-//! the demo provider, the releases on the audit trail). Last, the newcomer's run: the README's
-//! two set-up commands, taken from README.md's text.
+//! the demo provider, the releases on the audit trail). The Rust bounty agent
+//! (`crates/client/examples/bounty_agent.rs`) runs in this process, its approval given with
+//! `latchkey approvals approve`. Last, the newcomer's run: the README's two set-up commands,
+//! taken from README.md's text.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -715,6 +717,203 @@ async fn mcp_example_config_works_over_stdio_and_http() {
         })
         .collect();
     assert_eq!(proxied.len(), 2, "one GET /user per entry: {proxied:?}");
+}
+
+// --- crates/client/examples/bounty_agent.rs ----------------------------------------------------
+
+// The Rust bounty agent's `run`, with the options its `main` parses from the command line that
+// examples/README.md gives (`main` only parses them and sets the exit status from the result).
+#[allow(dead_code)]
+#[path = "../../../client/examples/bounty_agent.rs"]
+mod bounty_agent;
+
+/// `crates/client/examples/bounty_agent.rs` against a fresh demo, set up as examples/README.md
+/// says. Before the account is connected it stops naming the connect URL (exit 2). With the
+/// demo's grant (no `repo:write`) it says "working on this" on the bounty issues and reports
+/// the claim as not allowed (exit 1). With the README's grant the claim of the high-value
+/// bounty waits — pending in `latchkey approvals list`, no claim on the provider — until the
+/// operator's `latchkey approvals approve`, then lands; read back independently, each comment
+/// is where the agent says, and the claim's release is on the audit trail after the approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_bounty_agent_claims_once_the_operator_approves() {
+    use bounty_agent::{Claim, WORKING_ON_IT, claim_body, exit_code, parse_args};
+    let demo = Demo::start().await;
+    let data_dir = demo.data_dir().display().to_string();
+    let args = ["--domain", &demo.domain(), "--data-dir", &data_dir];
+    let opts = parse_args(args.iter().map(|a| a.to_string()))
+        .unwrap()
+        .unwrap();
+    assert_eq!((opts.repo.as_str(), opts.threshold), ("hello-world", 100));
+
+    let result = bounty_agent::run(&opts).await;
+    assert_eq!(exit_code(&result), 2, "not connected yet: {result:?}");
+    let said = result.unwrap_err().to_string();
+    assert!(said.contains(&demo.url("/connect/demo-git")), "{said}");
+
+    demo.connect_demo_account().await;
+    let token = demo.upstream_token("issues:write").await;
+    for (title, body) in [
+        ("Docs: a typo in the quick start", "bounty: $40"),
+        (
+            "Crash when the config is empty (bounty: $300)",
+            "see the log",
+        ),
+        ("How do I rotate keys?", "just asking"),
+    ] {
+        let resp = demo
+            .http
+            .post(demo.url("/demo/api/repos/hello-world/issues"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"title": title, "body": body}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+    }
+    let comments = || async {
+        let token = demo.upstream_token("repo:read").await;
+        let issues: Value = demo
+            .http
+            .get(demo.url("/demo/api/repos/hello-world/issues"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let issues = issues.as_array().unwrap().iter();
+        let bodies = |i: &Value| -> Vec<(u64, String)> {
+            let cs = i["comments"].as_array().unwrap().iter();
+            cs.map(|c| {
+                (
+                    c["id"].as_u64().unwrap(),
+                    c["body"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+        };
+        issues
+            .map(|i| (i["number"].as_u64().unwrap(), bodies(i)))
+            .collect::<Vec<_>>()
+    };
+
+    // The demo's grant has no repo:write: the work is done, the claim is not allowed.
+    let report = bounty_agent::run(&opts).await.unwrap();
+    assert_eq!(report.bounties.len(), 2, "{report:?}");
+    assert_eq!(report.bounties[0].claim, Claim::NotNeeded);
+    assert!(
+        matches!(&report.bounties[1].claim, Claim::NotAllowed { description }
+            if description.contains("repo:write")),
+        "{report:?}"
+    );
+    assert_eq!(exit_code(&Ok(report)), 1);
+    let working = comments().await;
+    let working_ids: Vec<u64> = [0, 1].map(|i| working[i].1[0].0).to_vec();
+    assert_eq!(
+        working
+            .iter()
+            .map(|(n, cs)| (*n, cs.iter().map(|c| c.1.as_str()).collect::<Vec<_>>()))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, vec![WORKING_ON_IT]),
+            (2, vec![WORKING_ON_IT]),
+            (3, vec![])
+        ]
+    );
+
+    // The README's grant, then the operator's approval while the agent waits.
+    let scopes = "read:user repo:read issues:write repo:write";
+    let grant = [
+        "agent",
+        "grant",
+        &demo.info.agent_id,
+        "--connection",
+        "demo-git",
+    ];
+    demo.cli(&[&grant[..], &["--scopes", scopes]].concat())
+        .await;
+    let agent = tokio::spawn({
+        let opts = opts.clone();
+        async move { bounty_agent::run(&opts).await }
+    });
+    let waited_since = tokio::time::Instant::now();
+    let approval = loop {
+        let list: Value =
+            serde_json::from_str(&demo.cli(&["approvals", "list", "--json"]).await).unwrap();
+        if let Some(a) = list.as_array().unwrap().first() {
+            break a.clone();
+        }
+        assert!(
+            waited_since.elapsed() < DEADLINE,
+            "the agent asks for approval"
+        );
+        assert!(!agent.is_finished(), "{:?}", agent.await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        approval["scopes"],
+        serde_json::json!(["issues:write", "repo:write"])
+    );
+    assert_eq!(approval["risk"], "high");
+    assert_eq!(approval["audit_context"], bounty_agent::AUDIT_CONTEXT);
+    assert_eq!(comments().await, working, "no claim before the approval");
+    assert!(!agent.is_finished(), "waiting for the decision");
+    let id = approval["id"].as_str().unwrap();
+    let out = demo.cli(&["approvals", "approve", id]).await;
+    assert!(out.starts_with(&format!("approved {id}")), "{out}");
+
+    let report = tokio::time::timeout(DEADLINE, agent)
+        .await
+        .expect("the agent finishes once approved")
+        .unwrap()
+        .unwrap();
+    let after = comments().await;
+    let claim = after[1].1.get(1).cloned().expect("a claim on #2");
+    assert_eq!(claim.1, claim_body(300));
+    assert_eq!(after[0], working[0], "no claim on the $40 bounty");
+    assert_eq!(after[2], working[2]);
+    let outcome: Vec<(u64, u64, u64, Claim)> = report
+        .bounties
+        .iter()
+        .map(|b| (b.issue, b.amount, b.working_comment, b.claim.clone()))
+        .collect();
+    assert_eq!(
+        outcome,
+        vec![
+            (1, 40, working_ids[0], Claim::NotNeeded),
+            (
+                2,
+                300,
+                working_ids[1],
+                Claim::Claimed {
+                    comment: claim.0,
+                    approval: Some(id.to_owned())
+                }
+            ),
+        ]
+    );
+    assert_eq!(exit_code(&Ok(report)), 0);
+
+    // The trail: the operator's approval, then the one release with repo:write, for the agent.
+    let audit = demo.audit().await;
+    let approved = audit
+        .iter()
+        .position(|e| e["action"] == "approval.approve")
+        .expect("the approval is on the trail");
+    let claims: Vec<usize> = audit
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            e["action"] == "token.release"
+                && e["actor"]["id"] == demo.info.agent_id.as_str()
+                && e["audit_context"] == bounty_agent::AUDIT_CONTEXT
+                && e["scopes"] == serde_json::json!(["issues:write", "repo:write"])
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(claims.len(), 1, "{claims:?}");
+    assert!(claims[0] > approved);
 }
 
 // --- the newcomer's run -------------------------------------------------------------------------
