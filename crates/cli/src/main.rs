@@ -1,6 +1,7 @@
 //! `latchkey`: the server, the demo, administration of the configured store, and the
 //! agent-side `token` command — one binary.
 
+mod backup;
 mod mcp;
 mod migrate;
 mod token;
@@ -128,6 +129,12 @@ enum Command {
         after_help = "Example:\n  latchkey migrate --from sqlite:latchkey-data/latchkey.db --to postgres://latchkey@db.internal/latchkey"
     )]
     Migrate(migrate::MigrateArgs),
+    /// Write an online, consistent backup of the SQLite database (safe while the server runs),
+    /// verified before it is kept. The key file is not in it: back that up separately.
+    #[command(
+        after_help = "Example:\n  latchkey backup --out /var/backups/latchkey/latchkey-$(date +%F).db\n\nRestore: stop the server, put the file back as {data_dir}/latchkey.db (remove any\nlatchkey.db-wal and latchkey.db-shm beside it), keep the same key file, start."
+    )]
+    Backup(backup::BackupArgs),
 }
 
 #[derive(Args)]
@@ -702,6 +709,11 @@ async fn run(cli: Cli) -> Result<()> {
             let config = load_config(g, None)?;
             init_logging("warn");
             migrate::run(&config, args).await
+        }
+        Command::Backup(args) => {
+            let config = load_config(g, None)?;
+            init_logging("warn");
+            backup::run(&config, args).await
         }
         Command::Connection(ConnectionCmd::Providers { json }) => {
             print_providers(json);
@@ -1312,6 +1324,7 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
         | Command::Token(_)
         | Command::Mcp(_)
         | Command::Migrate(_)
+        | Command::Backup(_)
         | Command::Connection(ConnectionCmd::Providers { .. }) => unreachable!("handled by run"),
     }
     Ok(())

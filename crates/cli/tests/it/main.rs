@@ -9,6 +9,7 @@ mod at_rest;
 mod audit;
 mod audit_api;
 mod audit_coverage;
+mod backup;
 mod bad_input;
 mod catalog;
 mod config_cache;
