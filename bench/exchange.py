@@ -133,11 +133,15 @@ def fs_of(path: Path) -> str:
 class Server:
     LISTEN_RE = re.compile(r"Latchkey is listening on 127\.0\.0\.1:(\d+) \(issuer (\S+)\)")
 
-    def __init__(self, binary: Path, data_dir: Path, log_path: Path):
+    def __init__(self, binary: Path, data_dir: Path, log_path: Path, command: str = "demo",
+                 env: dict[str, str] | None = None):
+        """`latchkey <command>` (`demo`, or `serve` for another node of a deployment whose first
+        node seeded the demo) on a free port; `env` replaces the environment if given."""
         self.data_dir = data_dir
         self.log_file = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [str(binary), "demo", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"],
+            [str(binary), command, "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self.log_file,
@@ -254,7 +258,7 @@ def connect_demo_account(base: str, ca: Path, demo: dict) -> None:
         raise SystemExit(f"callback redirected to {r.headers.get('Location')!r}, expected ...connected={CONNECTION}")
 
 
-def register_agent(binary: Path, data_dir: Path, work: Path) -> dict:
+def register_agent(binary: Path, data_dir: Path, work: Path, env: dict[str, str] | None = None) -> dict:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     priv_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -265,13 +269,13 @@ def register_agent(binary: Path, data_dir: Path, work: Path) -> dict:
 
     out = sh(
         [str(binary), "agent", "add", "bench-agent", "--public-key", str(pub_path), "--secret", "--json",
-         "--data-dir", str(data_dir)]
+         "--data-dir", str(data_dir)], env=env
     )
     agent = json.loads(out)
     if not agent.get("kids"):
         raise SystemExit(f"agent add returned no kids: {out}")
     sh([str(binary), "agent", "grant", agent["client_id"], "--connection", CONNECTION, "--scopes", SCOPES,
-        "--data-dir", str(data_dir)])
+        "--data-dir", str(data_dir)], env=env)
     return {
         "client_id": agent["client_id"],
         "client_secret": agent["client_secret"],

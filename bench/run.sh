@@ -4,7 +4,10 @@
 #       token exchange vs. bare GET /healthz (bench/exchange.py)
 #   bash bench/run.sh proxy [proxy.py options, e.g. --duration 10 --no-append]
 #       proxy call vs. direct demo API call vs. bare GET /healthz (bench/proxy.py)
-#   BENCH_SKIP_BUILD=1 bash bench/run.sh [proxy]   # benchmark the binary already in target/release
+#   bash bench/run.sh nodes [nodes.py options, e.g. --nodes 3 --duration 10 --no-append]
+#       exchange on SQLite vs. PostgreSQL with 1, 2, 3 nodes vs. bare GET /healthz (bench/nodes.py;
+#       needs PostgreSQL on 127.0.0.1:5432 with trust auth for `postgres`, and psql)
+#   BENCH_SKIP_BUILD=1 bash bench/run.sh [proxy|nodes]   # benchmark the binary already in target/release
 # Sets up bench/.venv (requests, cryptography), installs wrk from Debian if missing, builds the
 # release binary, then runs the benchmark. Every step is bounded in time.
 set -euo pipefail
@@ -12,6 +15,7 @@ set -euo pipefail
 SCRIPT="exchange.py"
 case "${1:-}" in
   proxy) SCRIPT="proxy.py"; shift ;;
+  nodes) SCRIPT="nodes.py"; shift ;;
   exchange) shift ;;
 esac
 
@@ -46,4 +50,6 @@ fi
 # exchange.py bounds itself: each wrk run is -d seconds (default 10), setup and signing
 # are limited by the 60 s subject-token age; the whole run takes well under 2 minutes.
 # proxy.py runs 3 × (3 s warm-up + 10 s + 5 s on one connection): about 1.5 minutes.
+# nodes.py runs 2 × 10 s of /healthz and 4 exchange runs (3 s warm-up, signing, 10 s): about
+# 3 minutes; on SIGTERM from `timeout` it still stops its nodes and drops its database.
 exec timeout 600 "$BENCH_DIR/.venv/bin/python" "$BENCH_DIR/$SCRIPT" "$@"
