@@ -206,6 +206,20 @@ impl Demo {
             .collect()
     }
 
+    /// `hello-world`'s issues with their comments, read from the demo provider.
+    async fn issues(&self) -> Value {
+        let token = self.upstream_token("repo:read").await;
+        self.http
+            .get(self.url("/demo/api/repos/hello-world/issues"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// An upstream token for the demo user, as the demo agent (`latchkey token`).
     async fn upstream_token(&self, scope: &str) -> String {
         let out = run(
@@ -413,17 +427,7 @@ async fn shell_example_comments_on_an_issue() {
     let (issue, comment): (u64, u64) = (issue.parse().unwrap(), comment.parse().unwrap());
 
     // Read back independently: the comment is on the issue, at the provider.
-    let token = demo.upstream_token("repo:read").await;
-    let issues: Value = demo
-        .http
-        .get(demo.url("/demo/api/repos/hello-world/issues"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let issues = demo.issues().await;
     let on_issue: Vec<&Value> = issues
         .as_array()
         .unwrap()
@@ -771,17 +775,7 @@ async fn rust_bounty_agent_claims_once_the_operator_approves() {
         assert_eq!(resp.status(), 201);
     }
     let comments = || async {
-        let token = demo.upstream_token("repo:read").await;
-        let issues: Value = demo
-            .http
-            .get(demo.url("/demo/api/repos/hello-world/issues"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let issues = demo.issues().await;
         let issues = issues.as_array().unwrap().iter();
         let bodies = |i: &Value| -> Vec<(u64, String)> {
             let cs = i["comments"].as_array().unwrap().iter();
