@@ -786,3 +786,52 @@ async fn a_refresh_lease_is_held_by_one_node_at_a_time() {
         .expect("a dead holder's lease ends with its session")
         .unwrap();
 }
+
+/// A request cancelled mid-transaction (a client that disconnects, a deadline) must not hand
+/// its pooled connection on with a transaction still open: the next borrower's statements would
+/// run inside it, hold its locks, and be lost when the session ends. sqlx 0.9.0 left exactly
+/// that behind when the cancel landed during `BEGIN`'s round trip (launchbadge/sqlx#4393, fixed
+/// in 0.9.1). One connection, cancels at every point of an audited write, and after each one
+/// the next statement must start a transaction of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_write_leaves_no_open_transaction_behind() {
+    let db = PgTestDb::create().await;
+    let s = PgStore::connect_with(db.options(), 1).await.unwrap();
+    let key = audit_key(9);
+    s.install_audit_key(key.clone());
+    let (mut cancelled, mut written) = (0, 0);
+    for i in 0..400u64 {
+        let deadline = std::time::Duration::from_micros((i * 37) % 1500);
+        match tokio::time::timeout(deadline, s.append_audit(&audit("cancel.test"))).await {
+            Ok(done) => {
+                done.unwrap();
+                written += 1;
+            }
+            Err(_) => cancelled += 1,
+        }
+        // `now()` is the transaction's start: two statements a moment apart see two values
+        // unless they run inside one (leftover) transaction.
+        let now = || async {
+            sqlx::query_scalar::<_, f64>("SELECT extract(epoch FROM now())::float8")
+                .fetch_one(s.pool())
+                .await
+                .unwrap()
+        };
+        let first = now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        assert!(
+            now().await > first,
+            "after round {i} the pooled connection was still inside a transaction"
+        );
+    }
+    assert!(
+        cancelled > 50 && written > 50,
+        "{cancelled} cancelled, {written} written"
+    );
+    // A write cancelled after its COMMIT left may have landed; the chain holds every one.
+    let chained = verify_chain(&s, &key).await;
+    assert!(
+        (written..=written + cancelled).contains(&chained),
+        "{chained} chained"
+    );
+}
