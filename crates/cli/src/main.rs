@@ -613,8 +613,14 @@ async fn serve(global: &Global, args: &ServeArgs, demo_mode: bool) -> Result<()>
         let info = demo::seed(&server.vault, &config.data_dir).await?;
         print_walkthrough(&server, &info);
     }
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // SIGINT (Ctrl-C) and SIGTERM (systemd, container runtimes) both stop it gracefully.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
     };
     server.run(shutdown).await
 }

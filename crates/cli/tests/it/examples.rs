@@ -933,6 +933,73 @@ fn readme_set_up_commands() -> Vec<String> {
         .collect()
 }
 
+/// SIGTERM (what systemd and container runtimes send) stops `latchkey demo` / `serve`
+/// gracefully: no new connections, the request in flight is answered, then exit status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_the_request_in_flight_then_exits_cleanly() {
+    let mut demo = Demo::start().await;
+    // A token request whose body arrives in two parts, with the signal in between.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    let request = demo
+        .http
+        .post(demo.url("/oauth/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(reqwest::Body::wrap_stream(body))
+        .send();
+    let in_flight = tokio::spawn(request);
+    tx.send(b"grant_type=client_credentials&client_id=agt_nobody".to_vec())
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let pid = demo._child.id().expect("running").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        demo._child.try_wait().unwrap().is_none(),
+        "it waits for the request in flight:\n{}",
+        demo.server_log()
+    );
+    let fresh = reqwest::Client::builder()
+        .tls_certs_only([
+            reqwest::Certificate::from_pem(&std::fs::read(demo.ca()).unwrap()).unwrap(),
+        ])
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    assert!(
+        fresh.get(demo.url("/healthz")).send().await.is_err(),
+        "no new connection is accepted once it is stopping"
+    );
+
+    tx.send(b"&client_secret=not-the-secret".to_vec()).unwrap();
+    drop(tx);
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+    let json: Value = answer.json().await.unwrap();
+    assert_eq!(json["error"], "invalid_client", "{json}");
+
+    let status = tokio::time::timeout(Duration::from_secs(15), demo._child.wait())
+        .await
+        .expect("it exits after the request in flight")
+        .unwrap();
+    assert!(status.success(), "{status:?}\n{}", demo.server_log());
+    assert!(
+        demo.server_log().contains("shutting down"),
+        "{}",
+        demo.server_log()
+    );
+}
+
 /// A newcomer's run: README.md's two set-up commands, read from its text, work as written.
 ///
 /// The block must hold exactly two commands.

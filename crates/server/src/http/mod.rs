@@ -214,7 +214,12 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Accept connections (TLS when configured) and serve `app` on each until `shutdown`.
+/// How long a shutdown waits for the requests in flight before it cuts them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Accept connections (TLS when configured) and serve `app` on each until `shutdown`. Then
+/// stop accepting, let each connection finish the request it is serving (keep-alive ends),
+/// and return once all are done or after [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -222,10 +227,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -239,6 +245,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -253,17 +260,17 @@ pub async fn serve(
                         .await
                     {
                         Ok(Ok(tls)) => {
-                            builder
-                                .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                                .await
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                            watcher.watch(conn).await
                         }
                         _ => return,
                     }
                 }
                 None => {
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn).await
                 }
             };
             if let Err(e) = result {
@@ -271,4 +278,20 @@ pub async fn serve(
             }
         });
     }
+    drop(listener);
+    let open = graceful.count();
+    tracing::info!(
+        connections = open,
+        "shutting down: no new connections; finishing the requests in flight"
+    );
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_secs = SHUTDOWN_GRACE.as_secs(),
+            "requests still in flight after the grace period are cut"
+        );
+    }
+    Ok(())
 }
