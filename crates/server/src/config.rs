@@ -150,6 +150,23 @@ impl Default for Config {
     }
 }
 
+/// `LATCHKEY_*` variables that belong to the command line, not to this configuration: the
+/// configuration file's path and the agent-side commands' settings (`latchkey token`,
+/// `latchkey mcp`, the upstream client secret of `connection add`), and the test suite's.
+/// They are not configuration keys, so the unknown-key check must not trip over them when
+/// an operator's shell exports them.
+pub const COMMAND_LINE_ENV: &[&str] = &[
+    "CONFIG",
+    "CLIENT_SECRET",
+    "ISSUER",
+    "CLIENT_ID",
+    "AGENT_KEY",
+    "USER",
+    "CA_CERT",
+    "BLESS",
+    "TEST_PG_URL",
+];
+
 impl Config {
     /// Load from `file` (default `latchkey.toml`, skipped if absent) and the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
@@ -165,7 +182,10 @@ impl Config {
         Figment::new()
             .merge(Serialized::defaults(Config::default()))
             .merge(FileAdapter::wrap(Toml::file(&path)).only(&["kek", "webhook_secret"]))
-            .merge(FileAdapter::wrap(Env::prefixed("LATCHKEY_")).only(&["kek", "webhook_secret"]))
+            .merge(
+                FileAdapter::wrap(Env::prefixed("LATCHKEY_").ignore(COMMAND_LINE_ENV))
+                    .only(&["kek", "webhook_secret"]),
+            )
             .extract()
             .map_err(Box::new)
     }
@@ -300,6 +320,22 @@ mod tests {
                 c.webhook().unwrap(),
                 Some(("https://hooks.example/latchkey".into(), "s".repeat(40)))
             );
+            // The command line's own variables are not configuration, and not typos.
+            for name in COMMAND_LINE_ENV {
+                assert!(
+                    INTRO.contains(&format!("`LATCHKEY_{name}`")),
+                    "{name} documented"
+                );
+                jail.set_env(format!("LATCHKEY_{name}"), "x");
+            }
+            let c = Config::load(None).map_err(|e| *e)?;
+            assert_eq!(c.log, "warn");
+            jail.set_env("LATCHKEY_LSITEN", "127.0.0.1:1");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("lsiten"),
+                "a typo in the environment is refused: {err}"
+            );
             jail.create_file("bad.toml", "lsiten = \"x\"")?;
             assert!(
                 Config::load(Some(Path::new("bad.toml"))).is_err(),
@@ -413,7 +449,11 @@ administrative commands read it. Each value comes from the first of these that s
 4. **the defaults** below.
 
 An unknown key is an error, in the file and in the environment alike: any variable that
-starts with `LATCHKEY_` must name a key below (typos are caught, not ignored).
+starts with `LATCHKEY_` must name a key below (typos are caught, not ignored), or be one of
+the command line's own: `LATCHKEY_CONFIG` (the file, as `--config`), `LATCHKEY_CLIENT_SECRET`
+(`connection add`), the agent-side `LATCHKEY_ISSUER`, `LATCHKEY_CLIENT_ID`,
+`LATCHKEY_AGENT_KEY`, `LATCHKEY_USER` and `LATCHKEY_CA_CERT` (`latchkey token`, `latchkey
+mcp`), and the test suite's `LATCHKEY_BLESS` and `LATCHKEY_TEST_PG_URL`.
 
 ```toml
 # /etc/latchkey/latchkey.toml
