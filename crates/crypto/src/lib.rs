@@ -18,3 +18,6 @@ pub mod secrets;
 pub mod totp;
 
 pub use jsonwebtoken::Algorithm;
+
+#[cfg(test)]
+mod supply_chain;
