@@ -6,6 +6,9 @@
 //! §3.1), which also covers SDKs that send `audience=` for "unset".
 
 use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 
 use crate::OAuthError;
 
@@ -50,6 +53,39 @@ impl Params {
         Ok(Self(map))
     }
 
+    /// A request body as the token endpoint takes it: `application/x-www-form-urlencoded`
+    /// (valid UTF-8) or `application/json` (an object of string, number or boolean members;
+    /// `null` is absent), by its `Content-Type` (parameters such as `charset` ignored). Any
+    /// other type, or a body that does not decode, is `invalid_request`.
+    pub fn from_body(content_type: Option<&str>, bytes: &[u8]) -> Result<Self, OAuthError> {
+        let content_type = content_type
+            .and_then(|v| v.split(';').next())
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        match content_type.as_str() {
+            "application/x-www-form-urlencoded" => {
+                std::str::from_utf8(bytes)
+                    .map_err(|_| OAuthError::invalid_request("the body is not valid UTF-8"))?;
+                Params::from_pairs(
+                    url::form_urlencoded::parse(bytes)
+                        .map(|(k, v)| (k.into_owned(), v.into_owned())),
+                )
+            }
+            "application/json" => {
+                let pairs: JsonPairs = serde_json::from_slice(bytes).map_err(|_| {
+                    OAuthError::invalid_request(
+                        "the body is not a JSON object of string parameters",
+                    )
+                })?;
+                Params::from_pairs(pairs.0)
+            }
+            _ => Err(OAuthError::invalid_request(
+                "unsupported Content-Type: send application/x-www-form-urlencoded or application/json",
+            )),
+        }
+    }
+
     /// The value, or `None` when absent or empty.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
@@ -61,6 +97,44 @@ impl Params {
     pub fn require(&self, name: &str) -> Result<&str, OAuthError> {
         self.get(name)
             .ok_or_else(|| OAuthError::invalid_request(format!("parameter `{name}` is required")))
+    }
+}
+
+/// A JSON object read as a list of pairs, so a repeated member is seen (serde_json's maps
+/// would silently keep the last). `null` means absent; numbers and booleans become strings.
+struct JsonPairs(Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for JsonPairs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = JsonPairs;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonPairs, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                    let v = match v {
+                        serde_json::Value::Null => continue,
+                        serde_json::Value::String(s) => s,
+                        serde_json::Value::Number(n) => n.to_string(),
+                        serde_json::Value::Bool(b) => b.to_string(),
+                        _ => {
+                            return Err(serde::de::Error::custom(
+                                "parameter values must be strings",
+                            ));
+                        }
+                    };
+                    out.push((k, v));
+                    if out.len() > MAX_PARAMS {
+                        return Err(serde::de::Error::custom("too many parameters"));
+                    }
+                }
+                Ok(JsonPairs(out))
+            }
+        }
+        d.deserialize_map(V)
     }
 }
 

@@ -399,6 +399,12 @@ impl Upstream for HttpUpstream {
     }
 }
 
+/// The token-response parser, for the fuzz target (`fuzz/fuzz_targets/upstream_tokens.rs`).
+#[doc(hidden)]
+pub fn parse_token_response(bytes: &[u8], wire: &Wire) -> Result<UpstreamTokens, UpstreamError> {
+    parse_tokens(bytes, wire)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,6 @@
 //! `POST /oauth/token`: decode the body (form or JSON, same rules for both) and the Basic
 //! header, call `Vault::token`, answer RFC 6749 JSON.
 
-use std::fmt;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -13,7 +12,6 @@ use latchkey_core::OAuthError;
 use latchkey_core::params::Params;
 use latchkey_core::vault::BasicCredentials;
 use secrecy::{ExposeSecret, SecretString};
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 
 use super::errors::{json_response, oauth_error};
 use super::web::context;
@@ -134,71 +132,8 @@ pub async fn userinfo(State(state): State<AppState>, headers: HeaderMap) -> Resp
 pub(super) fn parse_body(headers: &HeaderMap, bytes: &[u8]) -> Result<Params, OAuthError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default();
-    match content_type.as_str() {
-        "application/x-www-form-urlencoded" => {
-            std::str::from_utf8(bytes)
-                .map_err(|_| OAuthError::invalid_request("the body is not valid UTF-8"))?;
-            Params::from_pairs(
-                form_urlencoded::parse(bytes).map(|(k, v)| (k.into_owned(), v.into_owned())),
-            )
-        }
-        "application/json" => {
-            let pairs: JsonPairs = serde_json::from_slice(bytes).map_err(|_| {
-                OAuthError::invalid_request("the body is not a JSON object of string parameters")
-            })?;
-            Params::from_pairs(pairs.0)
-        }
-        _ => Err(OAuthError::invalid_request(
-            "unsupported Content-Type: send application/x-www-form-urlencoded or application/json",
-        )),
-    }
-}
-
-/// A JSON object read as a list of pairs, so a repeated member is seen (serde_json's maps
-/// would silently keep the last). `null` means absent; numbers and booleans become strings.
-struct JsonPairs(Vec<(String, String)>);
-
-impl<'de> Deserialize<'de> for JsonPairs {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = JsonPairs;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonPairs, A::Error> {
-                let mut out = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
-                    let v = match v {
-                        serde_json::Value::Null => continue,
-                        serde_json::Value::String(s) => s,
-                        serde_json::Value::Number(n) => n.to_string(),
-                        serde_json::Value::Bool(b) => b.to_string(),
-                        _ => {
-                            return Err(serde::de::Error::custom(
-                                "parameter values must be strings",
-                            ));
-                        }
-                    };
-                    out.push((k, v));
-                    if out.len() > latchkey_core::params::MAX_PARAMS {
-                        return Err(serde::de::Error::custom("too many parameters"));
-                    }
-                }
-                Ok(JsonPairs(out))
-            }
-        }
-        d.deserialize_map(V)
-    }
+        .and_then(|v| v.to_str().ok());
+    Params::from_body(content_type, bytes)
 }
 
 /// `Authorization: Basic` client credentials (RFC 6749 §2.3.1: form-encoded, then base64).
