@@ -52,6 +52,11 @@ mod state;
 mod tests;
 
 /// The demo account every grant is for.
+/// The demo provider's codes, access and refresh tokens start with this (as GitHub's start with
+/// `ghp_`/`gho_`), which makes them canaries: the test suite looks for it in every log line,
+/// error body, stored row and dashboard page, where an upstream secret must never show.
+pub const CANARY_PREFIX: &str = "lkdemo_";
+
 pub(crate) const DEMO_LOGIN: &str = "octo-demo";
 pub(crate) const DEMO_ID: &str = "1001";
 pub(crate) const DEMO_NAME: &str = "Octo Demo";

@@ -227,7 +227,7 @@ impl State {
     /// Turn an approved consent into an authorization code.
     pub(crate) fn add_code(&mut self, consent: Consent, now: i64) -> String {
         evict_oldest(&mut self.codes, |c| c.expires_at);
-        let code = random_token(TOKEN_BYTES);
+        let code = format!("{}code_{}", crate::CANARY_PREFIX, random_token(TOKEN_BYTES));
         self.codes.insert(
             digest(&code),
             Code {
@@ -244,8 +244,8 @@ impl State {
     }
 
     fn issue(&mut self, family: u64, access_scopes: ScopeSet, now: i64, ttl: i64) -> Issued {
-        let access_token = random_token(TOKEN_BYTES);
-        let refresh_token = random_token(TOKEN_BYTES);
+        let access_token = format!("{}at_{}", crate::CANARY_PREFIX, random_token(TOKEN_BYTES));
+        let refresh_token = format!("{}rt_{}", crate::CANARY_PREFIX, random_token(TOKEN_BYTES));
         self.access.insert(
             digest(&access_token),
             Access {

@@ -51,6 +51,30 @@ use latchkey_core::clock::Clock;
 mod http;
 mod state;
 
+/// The mock's codes, access and refresh tokens start with this; see [`assert_no_canary`].
+pub const CANARY_PREFIX: &str = "lkmock_";
+
+/// The prefixes of every upstream secret the tests' providers (the mock and the built-in demo
+/// provider) issue.
+pub const CANARY_PREFIXES: [&str; 2] = [CANARY_PREFIX, latchkey_demo::CANARY_PREFIX];
+
+/// Fail if `text` (a log, an error body, a database file, a page) holds an upstream secret
+/// issued by a test provider: an upstream code, access or refresh token must never be written
+/// to a log, an error, a page or the database in plaintext. `place` names what was scanned.
+pub fn assert_no_canary(place: &str, text: &[u8]) {
+    for prefix in CANARY_PREFIXES {
+        let needle = prefix.as_bytes();
+        if let Some(at) = text.windows(needle.len()).position(|w| w == needle) {
+            let from = at.saturating_sub(200);
+            let to = (at + 200).min(text.len());
+            panic!(
+                "an upstream secret ({prefix}…) is in {place}:\n…{}…",
+                String::from_utf8_lossy(&text[from..to])
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

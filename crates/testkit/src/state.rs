@@ -157,7 +157,7 @@ impl State {
         challenge: &str,
         scope: &str,
     ) -> String {
-        let code = random_token(32);
+        let code = format!("{}code_{}", crate::CANARY_PREFIX, random_token(32));
         self.codes.insert(
             sha256_b64(code.as_bytes()),
             CodeGrant {
@@ -278,7 +278,7 @@ impl State {
     }
 
     fn new_refresh(&mut self, family: usize) -> String {
-        let token = random_token(32);
+        let token = format!("{}rt_{}", crate::CANARY_PREFIX, random_token(32));
         self.refresh.insert(
             sha256_b64(token.as_bytes()),
             RefreshRecord {
@@ -299,7 +299,7 @@ impl State {
         refresh_token: Option<String>,
         scope: String,
     ) -> Issued {
-        let access_token = random_token(32);
+        let access_token = format!("{}at_{}", crate::CANARY_PREFIX, random_token(32));
         let expires_in = expires.then_some(self.access_ttl);
         self.access.insert(
             sha256_b64(access_token.as_bytes()),

@@ -159,6 +159,40 @@ async fn no_plaintext_secret(backend: Backend) {
     drop(db);
 }
 
+/// Issue 12 item 5, the suite-wide canary scan: every upstream code, access and refresh token
+/// the test providers issue starts with a canary prefix, and every in-process server of every
+/// test (the harness) checks, as it stops, that none is in what the servers logged (captured at
+/// debug level), in an error body or page the test read, or in its SQLite files. This test
+/// shows the parts work: the demo provider's tokens carry the prefix, the capture holds the
+/// servers' log lines, and the scanner finds a planted secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_suite_wide_canary_scan_sees_logs_tokens_and_plants() {
+    let ts = TestServer::start().await;
+    let account = ts.connect_demo_account().await;
+    let refresh = ts.stored_refresh_token(&account).await;
+    assert!(refresh.starts_with("lkdemo_rt_"), "{refresh}");
+    let answer = ts.post_form(&ts.exchange_params()).await;
+    assert!(answer.token().starts_with("lkdemo_at_"));
+    assert!(
+        captured_logs_contain("latchkey"),
+        "the servers' log lines are captured"
+    );
+    let planted = format!("refresh failed: {refresh}");
+    let found = std::panic::catch_unwind(|| {
+        latchkey_testkit::assert_no_canary("a planted line", planted.as_bytes())
+    });
+    assert!(found.is_err(), "the scanner finds a planted refresh token");
+    for prefix in latchkey_testkit::CANARY_PREFIXES {
+        let planted = format!("xx{prefix}at_abc");
+        assert!(
+            std::panic::catch_unwind(|| {
+                latchkey_testkit::assert_no_canary("a planted line", planted.as_bytes())
+            })
+            .is_err()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ciphertext_moved_to_another_row_does_not_open() {
     let ts = TestServer::start().await;

@@ -84,6 +84,17 @@ struct Demo {
     cookies: Mutex<HashMap<String, String>>,
 }
 
+/// The demo process's log and database hold no upstream secret (see `at_rest.rs`,
+/// the suite-wide canary scan).
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            latchkey_testkit::assert_no_canary("the demo's log", self.server_log().as_bytes());
+            crate::harness::assert_no_canary_in_db(&self.data_dir().join("latchkey.db"));
+        }
+    }
+}
+
 impl Demo {
     /// On a port of its own: `latchkey demo --listen 127.0.0.1:0 --data-dir <dir>/latchkey-data`.
     async fn start() -> Self {

@@ -17,6 +17,73 @@ use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
+// --- canaries: no upstream secret in a log, an error body, a page or the database ----------
+
+/// Everything this test process's in-process servers log, at debug level: scanned for
+/// upstream secrets (`latchkey_testkit::assert_no_canary`) when each server stops.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "debug,h2=info,hyper=info,hyper_util=info,rustls=info,tokio=info,runtime=info",
+            ))
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether the captured logs hold `needle` (the capture's own test).
+pub fn captured_logs_contain(needle: &str) -> bool {
+    let logs = captured_logs();
+    let logs = logs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    logs.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// The logs captured so far hold no upstream secret.
+fn assert_no_canary_in_logs() {
+    let logs = captured_logs();
+    let logs = logs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(
+        !logs.is_empty(),
+        "the servers logged nothing: is the capture installed?"
+    );
+    latchkey_testkit::assert_no_canary("the server's log", &logs);
+}
+
+/// A SQLite database's files (with its WAL) hold no upstream secret in plaintext.
+pub fn assert_no_canary_in_db(db: &Path) {
+    for file in [db.to_path_buf(), db.with_extension("db-wal")] {
+        if let Ok(bytes) = std::fs::read(&file) {
+            latchkey_testkit::assert_no_canary(&file.display().to_string(), &bytes);
+        }
+    }
+}
+
 pub const GRANT: &str =
     "urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token";
 pub const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
@@ -60,6 +127,7 @@ impl TestServer {
     }
 
     pub async fn start_with(dir: tempfile::TempDir, config: Config) -> Self {
+        captured_logs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let clock = ManualClock::default();
         let server = Server::with_listener(
@@ -122,8 +190,17 @@ impl TestServer {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+        self.assert_no_canary();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         (dir, self.config.clone())
+    }
+
+    /// No upstream secret in what the servers logged or in this server's SQLite database.
+    fn assert_no_canary(&self) {
+        assert_no_canary_in_logs();
+        if self.config.database_url.is_none() {
+            assert_no_canary_in_db(&self.db_path());
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -213,7 +290,9 @@ impl TestServer {
                 l.to_owned()
             }
         });
-        (status, location, resp.text().await.unwrap())
+        let body = resp.text().await.unwrap();
+        latchkey_testkit::assert_no_canary(&format!("the page {status}"), body.as_bytes());
+        (status, location, body)
     }
 
     /// Sign in as the demo user and connect `demo-git` through the real HTTP flow: Latchkey's
@@ -499,6 +578,9 @@ impl Answer {
         let status = resp.status();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap();
+        if status.as_u16() >= 400 {
+            latchkey_testkit::assert_no_canary("an error body", text.as_bytes());
+        }
         let body =
             serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
         assert!(
@@ -674,6 +756,14 @@ impl PgDatabase {
         url.set_path(&name);
         Self {
             url: url.to_string(),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if !std::thread::panicking() && self.task.is_some() {
+            self.assert_no_canary();
         }
     }
 }
