@@ -5,8 +5,14 @@
 //! getting wrong: a size cap and exact compact shape; no `jku`/`jwk`/`x5u`/`x5c`/`crit`/`enc`;
 //! an explicit `typ` rule per slot so one kind of JWT cannot stand in for another; and the
 //! algorithm chosen by the *registered key*, never by the header (so `none` and HS256 keyed
-//! with a public key have no key to verify against). Claim checks (`exp`, `iat`, `aud`, …) are
-//! the caller's, against its own clock, through the strictly-typed accessors of [`Claims`].
+//! with a public key have no key to verify against); and a header and a payload that are JSON
+//! objects without a duplicate member (RFC 7519 §4 lets a parser keep either value; two
+//! verifiers that disagree are an attack). Claim checks are the caller's, against its own clock,
+//! through the strictly-typed accessors of [`Claims`] — for client assertions, the one place is
+//! [`verify_client_assertion`].
+//!
+//! The attack matrix in `jws/tests.rs` pins the outcome of every known JOSE attack against these
+//! two functions.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -171,6 +177,8 @@ pub enum JwsError {
     TooLarge,
     #[error("token is not a compact JWS")]
     Malformed,
+    #[error("a JSON member appears twice in the header or the payload")]
+    DuplicateMember,
     #[error("header parameter `{0}` is not accepted")]
     ForbiddenHeader(&'static str),
     #[error("wrong token type (typ)")]
@@ -222,25 +230,60 @@ impl Claims {
             .ok_or_else(|| ClaimError(name.into(), "is required"))
     }
 
-    /// `aud` must be exactly `expected`: a single string, or an array holding only it.
+    /// `aud` must be exactly `expected`, as a single string (draft-ietf-oauth-rfc7523bis: an
+    /// array, or any other value that merely contains the issuer, let an assertion minted for one
+    /// server be replayed at another). Compared byte for byte: no case folding, no trailing-slash
+    /// normalisation.
     pub fn audience_is(&self, expected: &str) -> Result<(), ClaimError> {
         match self.0.get("aud") {
             Some(Value::String(s)) if s == expected => Ok(()),
-            Some(Value::Array(a)) if a.len() == 1 && a[0].as_str() == Some(expected) => Ok(()),
+            Some(Value::String(_)) => Err(ClaimError("aud".into(), "is not this server's issuer")),
             None => Err(ClaimError("aud".into(), "is required")),
-            _ => Err(ClaimError("aud".into(), "is not this server's issuer")),
+            Some(_) => Err(ClaimError("aud".into(), "must be a single string")),
         }
     }
 }
 
-/// The header fields a verifier reads before choosing a key.
-fn parse_header(segment: &str) -> Result<Map<String, Value>, JwsError> {
+/// A JSON object whose members are all distinct (serde_json's `Map` keeps the last of two).
+struct UniqueObject(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = UniqueObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut m = Map::new();
+                while let Some((k, v)) = a.next_entry::<String, Value>()? {
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom(DUPLICATE));
+                    }
+                    m.insert(k, v);
+                }
+                Ok(UniqueObject(m))
+            }
+        }
+        d.deserialize_map(Members)
+    }
+}
+
+const DUPLICATE: &str = "duplicate member";
+
+/// Decode one base64url segment holding a JSON object without duplicate members.
+fn parse_segment(segment: &str) -> Result<Map<String, Value>, JwsError> {
     let raw = URL_SAFE_NO_PAD
         .decode(segment)
         .map_err(|_| JwsError::Malformed)?;
-    match serde_json::from_slice::<Value>(&raw) {
-        Ok(Value::Object(m)) => Ok(m),
-        _ => Err(JwsError::Malformed),
+    match serde_json::from_slice::<UniqueObject>(&raw) {
+        Ok(UniqueObject(m)) => Ok(m),
+        Err(e) if e.to_string().starts_with(DUPLICATE) => Err(JwsError::DuplicateMember),
+        Err(_) => Err(JwsError::Malformed),
     }
 }
 
@@ -270,7 +313,8 @@ pub fn verify_jws(token: &str, rule: TypRule, keys: &[PublicKey]) -> Result<Clai
         // An unsigned token (alg none) has no signature segment.
         return Err(JwsError::AlgorithmNotAllowed);
     }
-    let header = parse_header(parts[0])?;
+    let header = parse_segment(parts[0])?;
+    let payload = parse_segment(parts[1])?;
     for forbidden in ["jku", "jwk", "x5u", "x5c", "crit", "enc", "zip"] {
         if header.contains_key(forbidden) {
             return Err(JwsError::ForbiddenHeader(match forbidden {
@@ -322,12 +366,8 @@ pub fn verify_jws(token: &str, rule: TypRule, keys: &[PublicKey]) -> Result<Clai
     validation.required_spec_claims.clear();
     for key in candidates {
         match jsonwebtoken::decode::<Value>(token, &key.decoding, &validation) {
-            Ok(data) => {
-                return match data.claims {
-                    Value::Object(m) => Ok(Claims(m)),
-                    _ => Err(JwsError::Malformed),
-                };
-            }
+            // The payload as parsed above: the same members, none of them duplicated.
+            Ok(_) => return Ok(Claims(payload)),
             Err(e) => match e.kind() {
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => continue,
                 jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
@@ -338,6 +378,88 @@ pub fn verify_jws(token: &str, rule: TypRule, keys: &[PublicKey]) -> Result<Clai
         }
     }
     Err(JwsError::BadSignature)
+}
+
+/// What a client assertion (RFC 7523 `private_key_jwt`) must satisfy besides its signature.
+#[derive(Clone, Copy, Debug)]
+pub struct AssertionRules<'a> {
+    /// The client it authenticates: `iss` and `sub` must both be exactly this.
+    pub client_id: &'a str,
+    /// This server's issuer identifier: `aud` must be exactly this, as a single string.
+    pub issuer: &'a str,
+    /// The verifier's clock, in Unix seconds.
+    pub now: i64,
+    /// Longest lifetime accepted, both `exp` − `iat` and `exp` − now, in seconds.
+    pub max_lifetime: i64,
+    /// How far `iat` and `nbf` may be in the future (clock skew), in seconds.
+    pub future_skew: i64,
+}
+
+/// A client assertion that passed every check.
+#[derive(Debug)]
+pub struct VerifiedAssertion {
+    /// Its `jti` (1–256 characters), for the caller's single-use check.
+    pub jti: String,
+    /// Its `exp`: the `jti` must be remembered until then plus the skew.
+    pub exp: i64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AssertionError {
+    #[error(transparent)]
+    Jws(#[from] JwsError),
+    #[error("{0}")]
+    Claim(String),
+}
+
+impl From<ClaimError> for AssertionError {
+    fn from(e: ClaimError) -> Self {
+        Self::Claim(e.to_string())
+    }
+}
+
+/// Verify a client assertion: [`verify_jws`] with the client-assertion `typ` rule, then the
+/// claims RFC 7523 and draft-ietf-oauth-rfc7523bis require — `iss` = `sub` = the client,
+/// `aud` = the issuer (one string), `exp` in the future and not too far, `iat` present and not
+/// in the future beyond the skew (`nbf` too, when present), `jti` present. Every registered
+/// claim is strictly typed: a present claim of the wrong JSON type is an error, never "absent".
+pub fn verify_client_assertion(
+    token: &str,
+    keys: &[PublicKey],
+    rules: &AssertionRules<'_>,
+) -> Result<VerifiedAssertion, AssertionError> {
+    let c = verify_jws(token, TypRule::JwtOrAbsent, keys)?;
+    let claim = |why: String| AssertionError::Claim(why);
+    if c.str("iss")? != rules.client_id || c.str("sub")? != rules.client_id {
+        return Err(claim("`iss` and `sub` must both be the client id".into()));
+    }
+    c.audience_is(rules.issuer)?;
+    let exp = c.int("exp")?;
+    let iat = c.int("iat")?;
+    let now = rules.now;
+    if exp <= now {
+        return Err(claim("expired".into()));
+    }
+    if exp - now.min(iat) > rules.max_lifetime + rules.future_skew {
+        return Err(claim(format!(
+            "lifetime exceeds {} seconds",
+            rules.max_lifetime
+        )));
+    }
+    let limit = now + rules.future_skew;
+    for (name, at) in [("iat", Some(iat)), ("nbf", c.opt_int("nbf")?)] {
+        if at.is_some_and(|t| t > limit) {
+            return Err(claim(format!("`{name}` is in the future")));
+        }
+    }
+    let jti = c.str("jti")?;
+    if jti.is_empty() || jti.len() > 256 {
+        return Err(claim("`jti` must be 1–256 characters".into()));
+    }
+    Ok(VerifiedAssertion {
+        jti: jti.to_owned(),
+        exp,
+    })
 }
 
 #[cfg(test)]

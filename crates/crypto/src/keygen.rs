@@ -113,6 +113,19 @@ impl SigningKey {
     }
 }
 
+#[cfg(test)]
+impl SigningKey {
+    /// Sign arbitrary header and payload JSON text, exactly as given (the attack matrix needs
+    /// headers and payloads a well-behaved encoder cannot produce, e.g. duplicate members).
+    pub(crate) fn sign_segments(&self, header: &str, payload: &str) -> String {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let input = format!("{}.{}", b64.encode(header), b64.encode(payload));
+        let sig = jsonwebtoken::crypto::sign(input.as_bytes(), &self.encoding, self.alg)
+            .expect("signing with a loaded key cannot fail");
+        format!("{input}.{sig}")
+    }
+}
+
 /// Guess the algorithm of a PKCS#8 private key PEM: EC → ES256, Ed25519 → EdDSA, RSA → RS256.
 pub fn guess_alg(private_pem: &str) -> Option<Algorithm> {
     let b = private_pem.as_bytes();

@@ -407,36 +407,19 @@ impl Vault {
             .filter(|a| !a.disabled)
             .ok_or_else(|| bad("unknown client"))?;
         let keys = self.agent_public_keys(at, &agent.id).await?;
-        let claims =
-            verify_jws(assertion, TypRule::JwtOrAbsent, &keys).map_err(|e| bad(&jws_reason(&e)))?;
-        let now = self.now();
-        let check = || -> Result<JtiUse, String> {
-            let c = &claims;
-            if c.str("iss").map_err(|e| e.to_string())? != agent.id
-                || c.str("sub").map_err(|e| e.to_string())? != agent.id
-            {
-                return Err("`iss` and `sub` must both be the client id".into());
-            }
-            c.audience_is(&self.config.issuer)
-                .map_err(|e| e.to_string())?;
-            let exp = c.int("exp").map_err(|e| e.to_string())?;
-            if exp <= now {
-                return Err("expired".into());
-            }
-            if exp - now > self.config.max_assertion_lifetime + self.config.future_skew {
-                return Err(format!(
-                    "lifetime exceeds {} seconds",
-                    self.config.max_assertion_lifetime
-                ));
-            }
-            self.not_in_future(c)?;
-            let jti = valid_jti(c)?;
-            Ok(JtiUse {
-                key: format!("assertion:{}:{jti}", agent.id),
-                expires_at: exp + self.config.future_skew,
-            })
+        let rules = AssertionRules {
+            client_id: &agent.id,
+            issuer: &self.config.issuer,
+            now: self.now(),
+            max_lifetime: self.config.max_assertion_lifetime,
+            future_skew: self.config.future_skew,
         };
-        let jti = check().map_err(|why| bad(&why))?;
+        let verified =
+            verify_client_assertion(assertion, &keys, &rules).map_err(|e| bad(&e.to_string()))?;
+        let jti = JtiUse {
+            key: format!("assertion:{}:{}", agent.id, verified.jti),
+            expires_at: verified.exp + self.config.future_skew,
+        };
         Ok(AuthenticatedClient {
             agent,
             method: "private_key_jwt",

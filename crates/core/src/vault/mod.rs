@@ -20,7 +20,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use latchkey_crypto::envelope::{Kek, Slot};
-use latchkey_crypto::jws::{Claims, JwsError, PublicKey, TypRule, verify_jws};
+use latchkey_crypto::jws::{
+    AssertionRules, Claims, JwsError, PublicKey, TypRule, verify_client_assertion, verify_jws,
+};
 use latchkey_crypto::keygen::SigningKey;
 use latchkey_crypto::secrets;
 use secrecy::{ExposeSecret, SecretString};
