@@ -9,11 +9,12 @@
 //! read as credentials), the built URL must still be under the base, and redirects are
 //! followed only within the same origin. The SSRF guard (`latchkey_upstream::guard`) applies
 //! to every call and every redirect: a base URL on a loopback, private, link-local or
-//! metadata address (directly or after resolution) is refused unless the operator allows it. The agent's `Authorization`, cookies, hop-by-hop
-//! and `Latchkey-*` headers never reach the provider. Request bodies are read up to a cap
-//! before anything goes out (so a 401 can be retried once after a refresh); responses stream
-//! back under a size cap and a deadline. Every call has a `proxy.request` entry written before
-//! it goes out and a `proxy.response` entry (status, bytes, time) once it ends.
+//! metadata address (directly or after resolution) is refused unless the operator allows it.
+//! The agent's `Authorization`, cookies, hop-by-hop and `Latchkey-*` headers never reach the
+//! provider. Request bodies are read up to a cap before anything goes out (so a 401 can be
+//! retried once after a refresh); responses stream back under a size cap and a deadline.
+//! Every call has a `proxy.request` entry written before it goes out and a `proxy.response`
+//! entry (status, bytes, time) once it ends.
 
 use std::pin::Pin;
 use std::sync::Arc;
