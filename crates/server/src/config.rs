@@ -115,6 +115,21 @@ pub struct Config {
     /// Deadline for a whole call through `/proxy`, answer included, in seconds (more: 504; at
     /// least 1).
     pub proxy_timeout_secs: u64,
+    /// Networks or single addresses that outbound calls may reach although they are not
+    /// public: CIDRs (`10.20.0.0/16`, `fd12:3456::/32`) or addresses (`192.168.1.7`, `::1`).
+    /// Outbound calls are the providers' token, revocation and user-info endpoints, their
+    /// APIs through `/proxy`, OpenID discovery, and webhooks; by default they refuse loopback,
+    /// private, shared (CGNAT), link-local and cloud metadata addresses, multicast and
+    /// reserved ranges, and IPv6 forms embedding such an IPv4 address, checked after the name
+    /// is resolved (the connection goes to the checked address). Latchkey's own public URL is
+    /// always reachable (the built-in demo provider is served there). List here a provider or
+    /// webhook receiver on a private network. In the environment, a TOML list:
+    /// `LATCHKEY_OUTBOUND_ALLOW='["10.20.0.0/16", "192.168.1.7"]'`. See `docs/threat-model.md`.
+    pub outbound_allow: Vec<String>,
+    /// Let outbound calls reach every address, loopback and cloud metadata included: the guard
+    /// of `outbound_allow` is off. For a trusted network only; prefer listing what is needed in
+    /// `outbound_allow`.
+    pub outbound_allow_private: bool,
 }
 
 impl Default for Config {
@@ -146,6 +161,8 @@ impl Default for Config {
             proxy_max_request_bytes: 10 * 1024 * 1024,
             proxy_max_response_bytes: 50 * 1024 * 1024,
             proxy_timeout_secs: 60,
+            outbound_allow: Vec::new(),
+            outbound_allow_private: false,
         }
     }
 }
@@ -209,6 +226,20 @@ impl Config {
             }
             (None, Some(_)) => Err("webhook_secret is set but webhook_url is not".into()),
         }
+    }
+
+    /// What outbound calls may reach (`outbound_allow`, `outbound_allow_private`), checked,
+    /// with Latchkey's own origin (`issuer`) trusted.
+    pub fn outbound(
+        &self,
+        issuer: &str,
+    ) -> Result<latchkey_upstream::guard::OutboundPolicy, String> {
+        latchkey_upstream::guard::OutboundPolicy::new(
+            self.outbound_allow_private,
+            &self.outbound_allow,
+        )
+        .map_err(|e| format!("outbound_allow: {e}"))?
+        .trust_origin(issuer)
     }
 
     /// The approval settings, checked.
@@ -379,6 +410,42 @@ mod tests {
         }
     }
 
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API
+    fn outbound_settings_load_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            let issuer = "https://127.0.0.1:8750/";
+            let c = Config::load(None).map_err(|e| *e)?;
+            let policy = c.outbound(issuer).unwrap();
+            assert!(
+                policy.check_ip("127.0.0.1".parse().unwrap()).is_err(),
+                "default: block"
+            );
+            jail.create_file("o.toml", "outbound_allow = [\"192.168.1.7\"]")?;
+            let c = Config::load(Some(Path::new("o.toml"))).map_err(|e| *e)?;
+            assert_eq!(c.outbound_allow, ["192.168.1.7"]);
+            jail.set_env("LATCHKEY_OUTBOUND_ALLOW", r#"["10.20.0.0/16", "::1"]"#);
+            let c = Config::load(None).map_err(|e| *e)?;
+            assert_eq!(c.outbound_allow, ["10.20.0.0/16", "::1"]);
+            let policy = c.outbound(issuer).unwrap();
+            assert!(policy.check_ip("10.20.1.2".parse().unwrap()).is_ok());
+            assert!(policy.check_ip("10.21.1.2".parse().unwrap()).is_err());
+            assert!(policy.check_ip("::1".parse().unwrap()).is_ok());
+            jail.set_env("LATCHKEY_OUTBOUND_ALLOW", r#"["10.20.0.1/16"]"#);
+            let err = Config::load(None)
+                .map_err(|e| *e)?
+                .outbound(issuer)
+                .unwrap_err();
+            assert!(err.starts_with("outbound_allow: "), "{err}");
+            jail.set_env("LATCHKEY_OUTBOUND_ALLOW", "[]");
+            jail.set_env("LATCHKEY_OUTBOUND_ALLOW_PRIVATE", "true");
+            let c = Config::load(None).map_err(|e| *e)?;
+            let policy = c.outbound(issuer).unwrap();
+            assert!(policy.check_ip("169.254.169.254".parse().unwrap()).is_ok());
+            Ok(())
+        });
+    }
+
     // --- docs/configuration.md, generated from this struct ----------------------------------
 
     /// How the reference groups the keys; a key in no group is listed under "Other keys", so
@@ -395,6 +462,10 @@ mod tests {
         (
             "Providers",
             &["upstream_timeout_secs", "demo_access_token_ttl"],
+        ),
+        (
+            "Outbound calls",
+            &["outbound_allow", "outbound_allow_private"],
         ),
         (
             "Agents and the proxy",
@@ -498,6 +569,7 @@ webhook_secret_file = \"/etc/latchkey/webhook.secret\"
             .unwrap_or("any");
         let base = match (base, p["minimum"].as_f64()) {
             ("integer", Some(0.0)) => "integer ≥ 0".to_owned(),
+            ("array", _) if p["items"]["type"] == "string" => "list of strings".to_owned(),
             (t, _) => t.to_owned(),
         };
         if optional {

@@ -116,6 +116,7 @@ pub async fn open_vault(
     let upstream = HttpUpstream::new(UpstreamOptions {
         timeout: Duration::from_secs(config.upstream_timeout_secs),
         extra_root_pem,
+        outbound: config.outbound(issuer).map_err(anyhow::Error::msg)?,
     })
     .map_err(anyhow::Error::msg)?;
     let vault = Vault::open(vault_config, store, clock, Arc::new(upstream), kek, reload).await?;
@@ -200,9 +201,15 @@ impl Server {
             max_response_bytes: config.proxy_max_response_bytes,
             timeout: Duration::from_secs(config.proxy_timeout_secs.max(1)),
         };
-        let state =
-            http::AppState::new(vault.clone(), tls.is_some(), limits, extra_root.as_deref())
-                .map_err(anyhow::Error::msg)?;
+        let outbound = config.outbound(&issuer).map_err(anyhow::Error::msg)?;
+        let state = http::AppState::new(
+            vault.clone(),
+            tls.is_some(),
+            limits,
+            extra_root.as_deref(),
+            outbound,
+        )
+        .map_err(anyhow::Error::msg)?;
         let router = http::router(state, demo.as_ref());
         Ok(Self {
             vault,

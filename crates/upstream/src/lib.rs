@@ -1,9 +1,13 @@
 //! The HTTP client Latchkey uses as an OAuth client of upstream providers.
 //!
-//! Every call has a deadline and a response-size cap, follows no redirects, and parses token
+//! Every call goes through the SSRF guard ([`guard`]: loopback, private, link-local and
+//! metadata addresses refused unless the operator allows them, checked after resolution and
+//! pinned), has a deadline and a response-size cap, follows no redirects, and parses token
 //! responses strictly. Failures are classified for the vault: `invalid_grant` (the grant is
 //! dead), transient (timeouts, 5xx, 429 — retry later, keep the stored token), or protocol
 //! (malformed answers). Response bodies are never echoed into errors: they may hold tokens.
+
+pub mod guard;
 
 use std::time::Duration;
 
@@ -15,12 +19,14 @@ use latchkey_core::upstream::{
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::guard::{Blocked, GuardedClient, OutboundPolicy};
+
 /// Largest provider response read, in bytes.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct HttpUpstream {
-    client: reqwest::Client,
+    client: GuardedClient,
 }
 
 #[derive(Clone, Debug)]
@@ -28,6 +34,8 @@ pub struct UpstreamOptions {
     pub timeout: Duration,
     /// Extra trusted root (PEM), e.g. Latchkey's own local CA for the built-in demo provider.
     pub extra_root_pem: Option<Vec<u8>>,
+    /// Which addresses may be called (the default refuses every non-public one).
+    pub outbound: OutboundPolicy,
 }
 
 impl Default for UpstreamOptions {
@@ -35,25 +43,39 @@ impl Default for UpstreamOptions {
         Self {
             timeout: Duration::from_secs(10),
             extra_root_pem: None,
+            outbound: OutboundPolicy::default(),
         }
     }
 }
 
 impl HttpUpstream {
     pub fn new(options: UpstreamOptions) -> Result<Self, String> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(options.timeout)
-            .connect_timeout(options.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("latchkey/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = &options.extra_root_pem {
-            let cert = reqwest::Certificate::from_pem(pem)
-                .map_err(|e| format!("extra root certificate: {e}"))?;
-            builder = builder.tls_certs_merge([cert]);
-        }
+        let settings = || {
+            let mut builder = reqwest::Client::builder()
+                .timeout(options.timeout)
+                .connect_timeout(options.timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("latchkey/", env!("CARGO_PKG_VERSION")));
+            if let Some(pem) = &options.extra_root_pem {
+                let cert = reqwest::Certificate::from_pem(pem)
+                    .map_err(|e| format!("extra root certificate: {e}"))?;
+                builder = builder.tls_certs_merge([cert]);
+            }
+            Ok(builder)
+        };
         Ok(Self {
-            client: builder.build().map_err(|e| e.to_string())?,
+            client: GuardedClient::new(options.outbound.clone(), settings)?,
         })
+    }
+
+    /// A request to `url`, if the guard lets it out.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+    ) -> Result<reqwest::RequestBuilder, UpstreamError> {
+        let (client, url) = self.client.for_url(url).map_err(blocked_error)?;
+        Ok(client.request(method, url))
     }
 
     async fn token_request(
@@ -62,8 +84,7 @@ impl HttpUpstream {
         form: &[(&str, &str)],
     ) -> Result<UpstreamTokens, UpstreamError> {
         let req = self
-            .client
-            .post(&ep.token_url)
+            .request(reqwest::Method::POST, &ep.token_url)?
             .header("Accept", "application/json");
         let mut body: Vec<(&str, &str)> = form.to_vec();
         let req = client_auth(req, ep, &mut body);
@@ -153,7 +174,21 @@ fn sanitize(code: &str) -> String {
         .collect()
 }
 
+/// A destination the guard refused: transient for the vault (the stored tokens stay; an
+/// operator's change of `outbound_allow` or of the connection fixes it), never retried at
+/// once, with the reason for the operator's log.
+fn blocked_error(b: Blocked) -> UpstreamError {
+    UpstreamError::Transient {
+        message: b.to_string(),
+        retry_after: None,
+        retryable: false,
+    }
+}
+
 fn transport_error(e: reqwest::Error) -> UpstreamError {
+    if let Some(b) = Blocked::in_error(&e) {
+        return blocked_error(b.clone());
+    }
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -296,7 +331,7 @@ impl Upstream for HttpUpstream {
         let Some(url) = &ep.revoke_url else {
             return Ok(());
         };
-        let req = self.client.post(url);
+        let req = self.request(reqwest::Method::POST, url)?;
         let mut body = vec![("token", token.expose_secret()), ("token_type_hint", hint)];
         let req = client_auth(req, ep, &mut body);
         let resp = req.form(&body).send().await.map_err(transport_error)?;
@@ -325,11 +360,10 @@ impl Upstream for HttpUpstream {
             return Err(UpstreamError::Protocol("no user-info URL".into()));
         };
         let mut req = match &ep.wire.userinfo_post {
-            None => self.client.get(url),
-            Some(body) if body.is_empty() => self.client.post(url),
+            None => self.request(reqwest::Method::GET, url)?,
+            Some(body) if body.is_empty() => self.request(reqwest::Method::POST, url)?,
             Some(body) => self
-                .client
-                .post(url)
+                .request(reqwest::Method::POST, url)?
                 .header("Content-Type", "application/json")
                 .body(body.clone()),
         };
@@ -355,8 +389,7 @@ impl Upstream for HttpUpstream {
 
     async fn get_json(&self, url: &str) -> Result<serde_json::Value, UpstreamError> {
         let resp = self
-            .client
-            .get(url)
+            .request(reqwest::Method::GET, url)?
             .header("Accept", "application/json")
             .send()
             .await
@@ -376,17 +409,25 @@ impl Upstream for HttpUpstream {
         headers: &[(&'static str, String)],
         body: &str,
     ) -> Result<(), String> {
-        let mut req = self
+        let (client, url) = self
             .client
+            .for_url(url)
+            .map_err(|b| format!("the receiver's address is refused: {b}"))?;
+        let mut req = client
             .post(url)
             .header("Content-Type", "application/json")
             .body(body.to_owned());
         for (name, value) in headers {
             req = req.header(*name, value);
         }
-        let resp = req.send().await.map_err(|e| match e.is_timeout() {
-            true => "the receiver did not answer in time".to_owned(),
-            false => "the receiver could not be reached".to_owned(),
+        let resp = req.send().await.map_err(|e| {
+            if let Some(b) = Blocked::in_error(&e) {
+                format!("the receiver's address is refused: {b}")
+            } else if e.is_timeout() {
+                "the receiver did not answer in time".to_owned()
+            } else {
+                "the receiver could not be reached".to_owned()
+            }
         })?;
         let status = resp.status();
         // Drain (capped) so the connection can be reused; the answer itself does not matter.

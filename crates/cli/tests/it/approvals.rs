@@ -510,6 +510,7 @@ async fn identical_requests_collapse_and_pending_requests_are_capped() {
         listen: "127.0.0.1:0".into(),
         approvals_pending_per_user: 3,
         approvals_pending_per_agent: 2,
+        outbound_allow: loopback_allowed(),
         ..Default::default()
     };
     let ts = TestServer::start_with(dir, config).await;

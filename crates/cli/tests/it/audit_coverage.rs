@@ -1011,6 +1011,7 @@ async fn token_deny_over_the_rate_limit() {
     let config = latchkey_server::Config {
         data_dir: dir.path().join("data"),
         agent_requests_per_minute: 1,
+        outbound_allow: loopback_allowed(),
         ..latchkey_server::Config::default()
     };
     let (ts, mut c) = start_with(TestServer::start_with(dir, config).await).await;

@@ -474,6 +474,7 @@ async fn too_many_requests() {
     let config = latchkey_server::Config {
         data_dir: dir.path().join("data"),
         agent_requests_per_minute: 3,
+        outbound_allow: loopback_allowed(),
         ..latchkey_server::Config::default()
     };
     let ts = TestServer::start_with(dir, config).await;

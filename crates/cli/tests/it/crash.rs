@@ -225,6 +225,11 @@ fn latchkey(dir: &Path) -> tokio::process::Command {
     }
     cmd.env_remove("RUST_LOG")
         .env("LATCHKEY_LOG", "warn")
+        // The mock provider listens on 127.0.0.1, which the SSRF guard refuses by default.
+        .env(
+            "LATCHKEY_OUTBOUND_ALLOW",
+            crate::harness::outbound_allow_env(&crate::harness::loopback_allowed()),
+        )
         .current_dir(dir)
         .stdin(Stdio::null())
         .kill_on_drop(true);

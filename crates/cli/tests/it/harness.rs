@@ -106,6 +106,19 @@ pub struct TestServer {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The outbound allowance of the test servers: the mock providers, fake APIs and webhook
+/// receivers the tests start listen on 127.0.0.1, which the SSRF guard refuses by default
+/// (`crates/cli/tests/it/ssrf.rs` runs servers without it).
+pub fn loopback_allowed() -> Vec<String> {
+    vec!["127.0.0.1".into()]
+}
+
+/// `outbound_allow` as the environment gives it (a TOML list), for `latchkey` subprocesses.
+pub fn outbound_allow_env(allow: &[String]) -> String {
+    let quoted: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
 /// A plain HTTP client trusting the server's CA, following no redirects.
 pub fn client_for(ca_pem: &[u8]) -> reqwest::Client {
     reqwest::Client::builder()
@@ -121,6 +134,7 @@ impl TestServer {
         let config = Config {
             data_dir: dir.path().join("data"),
             listen: "127.0.0.1:0".into(),
+            outbound_allow: loopback_allowed(),
             ..Config::default()
         };
         Self::start_with(dir, config).await
@@ -498,7 +512,15 @@ impl TestServer {
             .arg(&self.config.data_dir)
             .env("LATCHKEY_PUBLIC_URL", &self.issuer)
             .env_remove("LATCHKEY_KEK")
-            .env_remove("LATCHKEY_DATABASE_URL");
+            .env_remove("LATCHKEY_DATABASE_URL")
+            .env(
+                "LATCHKEY_OUTBOUND_ALLOW",
+                outbound_allow_env(&self.config.outbound_allow),
+            )
+            .env(
+                "LATCHKEY_OUTBOUND_ALLOW_PRIVATE",
+                self.config.outbound_allow_private.to_string(),
+            );
         if let Some(url) = &self.config.database_url {
             cmd.env("LATCHKEY_DATABASE_URL", url);
         }
@@ -846,6 +868,7 @@ impl TestServer {
                     data_dir: dir.path().join("data"),
                     listen: "127.0.0.1:0".into(),
                     database_url: Some(db.url.clone()),
+                    outbound_allow: loopback_allowed(),
                     ..Config::default()
                 };
                 (Self::start_with(dir, config).await, Some(db))

@@ -58,6 +58,7 @@ pub(crate) async fn server_with_webhook(audit_webhook: bool) -> (TestServer, Rec
         webhook_url: Some(url),
         webhook_secret: Some(SECRET.into()),
         audit_webhook,
+        outbound_allow: loopback_allowed(),
         ..Default::default()
     };
     (TestServer::start_with(dir, config).await, rx)

@@ -382,6 +382,7 @@ async fn auth0_ai_with_async_authorization_blocking() {
         data_dir: dir.path().join("data"),
         listen: "127.0.0.1:0".into(),
         approval_interval_secs: 1,
+        outbound_allow: loopback_allowed(),
         ..Default::default()
     };
     let ts = TestServer::start_with(dir, config).await;
@@ -624,6 +625,7 @@ async fn fast_polling_server() -> TestServer {
         data_dir: dir.path().join("data"),
         listen: "127.0.0.1:0".into(),
         approval_interval_secs: 1,
+        outbound_allow: loopback_allowed(),
         ..Default::default()
     };
     TestServer::start_with(dir, config).await

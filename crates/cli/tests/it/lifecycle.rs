@@ -466,6 +466,7 @@ async fn slow_provider_meets_the_deadline() {
         data_dir: dir.path().join("data"),
         listen: "127.0.0.1:0".into(),
         upstream_timeout_secs: 1,
+        outbound_allow: loopback_allowed(),
         ..Config::default()
     };
     let (ts, mock) = with_mock(TestServer::start_with(dir, config).await).await;

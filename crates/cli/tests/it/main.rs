@@ -32,4 +32,5 @@ mod policy;
 mod postgres;
 mod proxy;
 mod refresh;
+mod ssrf;
 mod walkthrough;

@@ -390,6 +390,10 @@ impl NodeProcess {
                 ts.config.database_url.as_ref().unwrap(),
             )
             .env("LATCHKEY_PUBLIC_URL", &ts.issuer)
+            .env(
+                "LATCHKEY_OUTBOUND_ALLOW",
+                crate::harness::outbound_allow_env(&ts.config.outbound_allow),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -149,6 +149,7 @@ async fn server_with_small_caps() -> TestServer {
         listen: "127.0.0.1:0".into(),
         proxy_max_request_bytes: REQUEST_CAP,
         proxy_max_response_bytes: RESPONSE_CAP,
+        outbound_allow: loopback_allowed(),
         ..Config::default()
     };
     TestServer::start_with(dir, config).await

@@ -44,19 +44,20 @@ pub use proxy::ProxyLimits;
 
 impl AppState {
     /// `extra_root_pem`: a CA the proxy trusts besides the system's (the local CA, so that
-    /// the demo provider's API is reachable over TLS).
+    /// the demo provider's API is reachable over TLS); `outbound`: what the proxy may reach.
     pub fn new(
         vault: Arc<Vault>,
         tls: bool,
         limits: ProxyLimits,
         extra_root_pem: Option<&[u8]>,
+        outbound: latchkey_upstream::guard::OutboundPolicy,
     ) -> Result<Self, String> {
         Ok(Self {
             vault,
             metrics: prometheus(),
             tls,
             ui: Arc::default(),
-            proxy: limits.shared(extra_root_pem)?,
+            proxy: limits.shared(extra_root_pem, outbound)?,
         })
     }
 }

@@ -7,11 +7,14 @@
 //! Only the API base URL's origin is reachable: the path is checked before anything goes out
 //! (no absolute URLs, no `..` or encoded traversal, no backslashes, no `@` where it could
 //! read as credentials), the built URL must still be under the base, and redirects are
-//! followed only within the same origin. The agent's `Authorization`, cookies, hop-by-hop
-//! and `Latchkey-*` headers never reach the provider. Request bodies are read up to a cap
-//! before anything goes out (so a 401 can be retried once after a refresh); responses stream
-//! back under a size cap and a deadline. Every call has a `proxy.request` entry written before
-//! it goes out and a `proxy.response` entry (status, bytes, time) once it ends.
+//! followed only within the same origin. The SSRF guard (`latchkey_upstream::guard`) applies
+//! to every call and every redirect: a base URL on a loopback, private, link-local or
+//! metadata address (directly or after resolution) is refused unless the operator allows it.
+//! The agent's `Authorization`, cookies, hop-by-hop and `Latchkey-*` headers never reach the
+//! provider. Request bodies are read up to a cap before anything goes out (so a 401 can be
+//! retried once after a refresh); responses stream back under a size cap and a deadline.
+//! Every call has a `proxy.request` entry written before it goes out and a `proxy.response`
+//! entry (status, bytes, time) once it ends.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use latchkey_core::OAuthError;
 use latchkey_core::vault::{AgentCaller, ApiCall, CallOutcome, CallToken, USER_HEADER};
+use latchkey_upstream::guard::{Blocked, GuardedClient, OutboundPolicy};
 use secrecy::ExposeSecret;
 
 use super::errors::oauth_error;
@@ -52,7 +56,7 @@ impl Default for ProxyLimits {
 
 /// The proxy's HTTP client and limits.
 pub struct Proxy {
-    client: reqwest::Client,
+    client: GuardedClient,
     limits: ProxyLimits,
 }
 
@@ -68,30 +72,44 @@ impl Proxy {
         &self.limits
     }
 
-    pub fn new(limits: ProxyLimits, extra_root_pem: Option<&[u8]>) -> Result<Self, String> {
-        let policy = reqwest::redirect::Policy::custom(|attempt| {
-            let same_origin = attempt
-                .previous()
-                .first()
-                .is_some_and(|first| first.origin() == attempt.url().origin());
-            if same_origin && attempt.previous().len() <= MAX_REDIRECTS {
-                attempt.follow()
-            } else {
-                attempt.stop()
+    pub fn new(
+        limits: ProxyLimits,
+        extra_root_pem: Option<&[u8]>,
+        outbound: OutboundPolicy,
+    ) -> Result<Self, String> {
+        let guard = Arc::new(outbound.clone());
+        let settings = || {
+            let guard = guard.clone();
+            // Same origin means the same host, resolved (for a name) through the same guard;
+            // the literal check is repeated so that no redirect can ever leave it.
+            let policy = reqwest::redirect::Policy::custom(move |attempt| {
+                let same_origin = attempt
+                    .previous()
+                    .first()
+                    .is_some_and(|first| first.origin() == attempt.url().origin());
+                if same_origin
+                    && attempt.previous().len() <= MAX_REDIRECTS
+                    && guard.check_url(attempt.url()).is_ok()
+                {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            });
+            let mut builder = reqwest::Client::builder()
+                .timeout(limits.timeout)
+                .connect_timeout(limits.timeout.min(Duration::from_secs(10)))
+                .redirect(policy)
+                .user_agent(concat!("latchkey-proxy/", env!("CARGO_PKG_VERSION")));
+            if let Some(pem) = extra_root_pem {
+                let cert = reqwest::Certificate::from_pem(pem)
+                    .map_err(|e| format!("extra root certificate: {e}"))?;
+                builder = builder.tls_certs_merge([cert]);
             }
-        });
-        let mut builder = reqwest::Client::builder()
-            .timeout(limits.timeout)
-            .connect_timeout(limits.timeout.min(Duration::from_secs(10)))
-            .redirect(policy)
-            .user_agent(concat!("latchkey-proxy/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = extra_root_pem {
-            let cert = reqwest::Certificate::from_pem(pem)
-                .map_err(|e| format!("extra root certificate: {e}"))?;
-            builder = builder.tls_certs_merge([cert]);
-        }
+            Ok(builder)
+        };
         Ok(Self {
-            client: builder.build().map_err(|e| e.to_string())?,
+            client: GuardedClient::new(outbound, settings)?,
             limits,
         })
     }
@@ -297,14 +315,17 @@ pub(super) async fn forward(
             return gateway(502, "bad_gateway", why);
         }
     };
+    let client = match proxy.client.for_url(url.as_str()) {
+        Ok((client, _)) => client,
+        Err(blocked) => return refused_destination(&recorder, &t, &blocked).await,
+    };
     let send = |token: &secrecy::SecretString| {
         let mut headers = out.headers.clone();
         if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())) {
             v.set_sensitive(true);
             headers.insert(header::AUTHORIZATION, v);
         }
-        proxy
-            .client
+        client
             .request(out.method.clone(), url.clone())
             .headers(headers)
             .body(out.body.clone())
@@ -331,6 +352,9 @@ pub(super) async fn forward(
     let resp = match answer {
         Ok(r) => r,
         Err(e) => {
+            if let Some(blocked) = Blocked::in_error(&e) {
+                return refused_destination(&recorder, &t, blocked).await;
+            }
             let (status, code, why) = if e.is_timeout() {
                 (
                     504,
@@ -403,6 +427,27 @@ pub(super) async fn forward(
     builder
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+}
+
+/// The guard refused the connection's API address: 502 (the agent did nothing wrong; the
+/// operator's configuration points somewhere Latchkey does not call), the reason for the
+/// operator in the log and the audit entry.
+async fn refused_destination(recorder: &Recorder, t: &CallToken, blocked: &Blocked) -> Response {
+    tracing::warn!(connection = %t.connection.name, reason = %blocked, "proxied call refused by the outbound guard");
+    recorder
+        .record(
+            t,
+            None,
+            0,
+            Some(format!("refused by the outbound guard: {blocked}")),
+        )
+        .await;
+    gateway(
+        502,
+        "bad_gateway",
+        "the connection's API address is not one Latchkey calls (loopback, private, link-local \
+         and metadata addresses are refused unless an operator allows them)",
+    )
 }
 
 /// Writes a call's `proxy.response` entry.
@@ -681,8 +726,12 @@ fn passes_back(name: &HeaderName) -> bool {
 }
 
 impl ProxyLimits {
-    pub(super) fn shared(self, extra_root_pem: Option<&[u8]>) -> Result<Arc<Proxy>, String> {
-        Proxy::new(self, extra_root_pem).map(Arc::new)
+    pub(super) fn shared(
+        self,
+        extra_root_pem: Option<&[u8]>,
+        outbound: OutboundPolicy,
+    ) -> Result<Arc<Proxy>, String> {
+        Proxy::new(self, extra_root_pem, outbound).map(Arc::new)
     }
 }
 
