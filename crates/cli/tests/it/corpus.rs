@@ -2484,7 +2484,8 @@ fn token_request(w: &World, g: &mut Gen) -> Req {
 async fn corpus_oauth() {
     let w = World::new().await;
     let releases = w.ts.releases().await;
-    let specs = vec![
+    let specs =
+        vec![
         spec(&w, "POST", "/oauth/token", token_request).escalate(&[
             ("scope", "repo:read repo:admin"),
             ("scope", "read:user repo:read issues:write admin:org"),
@@ -2523,7 +2524,14 @@ async fn corpus_oauth() {
             }
             r
         })
-        .escalate(&[("token", &w.bob.refresh), ("token", &w.bob.access)]),
+        .escalate(&[("token", &w.bob.refresh), ("token", &w.bob.access)])
+        // Not Bob's app's own credentials: with them, revoking Bob's token is its right (and
+        // `assert_intact` checks it was not revoked by anyone else).
+        .others(&[
+            ("authorization", &World::basic(&w.bob_agent, &w.bob_agent_secret)),
+            ("authorization", &World::basic(&w.bob_app.id, "wrong-secret")),
+            ("authorization", &World::basic(&w.agent_id, &w.agent_secret)),
+        ]),
         spec(&w, "POST", "/bc-authorize", |w, g| {
             let hint = format!(
                 "{{\"format\":\"iss_sub\",\"iss\":\"{}\",\"sub\":\"{}\"}}",
