@@ -182,6 +182,10 @@ pub const COMMAND_LINE_ENV: &[&str] = &[
     "CA_CERT",
     "BLESS",
     "TEST_PG_URL",
+    // The adversarial request corpus (`crates/cli/tests/it/corpus.rs`, `scripts/corpus`).
+    "CORPUS_SEED",
+    "CORPUS_LONG",
+    "CORPUS_REQUESTS",
 ];
 
 impl Config {
@@ -524,7 +528,8 @@ starts with `LATCHKEY_` must name a key below (typos are caught, not ignored), o
 the command line's own: `LATCHKEY_CONFIG` (the file, as `--config`), `LATCHKEY_CLIENT_SECRET`
 (`connection add`), the agent-side `LATCHKEY_ISSUER`, `LATCHKEY_CLIENT_ID`,
 `LATCHKEY_AGENT_KEY`, `LATCHKEY_USER` and `LATCHKEY_CA_CERT` (`latchkey token`, `latchkey
-mcp`), and the test suite's `LATCHKEY_BLESS` and `LATCHKEY_TEST_PG_URL`.
+mcp`), and the test suite's `LATCHKEY_BLESS`, `LATCHKEY_TEST_PG_URL`, `LATCHKEY_CORPUS_SEED`,
+`LATCHKEY_CORPUS_LONG` and `LATCHKEY_CORPUS_REQUESTS`.
 
 ```toml
 # /etc/latchkey/latchkey.toml

@@ -14,6 +14,7 @@ mod bad_input;
 mod catalog;
 mod config_cache;
 mod connected_accounts;
+mod corpus;
 mod crash;
 mod dashboard;
 mod dashboard_e2e;

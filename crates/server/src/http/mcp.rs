@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use latchkey_core::OAuthError;
 use latchkey_core::vault::{AgentCaller, ApiCall, ApprovalState, RequestContext};
 use latchkey_mcp::{
@@ -90,6 +90,14 @@ async fn resource_metadata(State(state): State<AppState>) -> Response {
 /// The bearer token (and `Latchkey-User`) of every `/mcp` request, checked before the MCP
 /// service sees it.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    // A HEAD answer carries no content (RFC 9110 §9.3.2), and the MCP service below, not a
+    // method router, would send one (an HTTP/2 client then sees a broken stream).
+    if req.method() == Method::HEAD {
+        let mut resp = axum::http::StatusCode::METHOD_NOT_ALLOWED.into_response();
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return resp;
+    }
     let ctx = req
         .extensions()
         .get::<RequestMeta>()
@@ -209,6 +217,10 @@ impl Backend for VaultTools {
             }
             (None, None) => Bytes::new(),
         };
+        let forwarded = proxy::forwarded_headers(&headers);
+        if let Some(e) = proxy::oversized_call(&forwarded, &path, query.as_deref()) {
+            return Err(invalid(e.description));
+        }
         let max = self.state.proxy.limits().max_request_bytes;
         if body.len() > max {
             return Err(invalid(format!(
@@ -239,7 +251,7 @@ impl Backend for VaultTools {
                 method: method.clone(),
                 path,
                 query,
-                headers: proxy::forwarded_headers(&headers),
+                headers: forwarded,
                 body,
             },
             c.ctx.clone(),

@@ -91,15 +91,25 @@ pub struct RequestMeta {
 }
 
 pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
+    // The browser's pages outside the dashboard: refusals before a handler runs are pages too.
+    let pages = Router::new()
+        .route("/approvals", get(approvals::to_dashboard))
+        .route("/approvals/{id}", get(approvals::to_dashboard_one))
+        .route("/authorize", get(web::authorize))
+        .route("/connected-accounts/connect", get(web::connect_ticket))
+        .route("/", get(web::home))
+        .route("/login", get(web::login_page).post(web::login))
+        .route("/login/totp", get(web::totp_page).post(web::totp))
+        .route("/logout", post(web::logout))
+        .route("/account", get(web::account))
+        .route("/connect/{connection}/callback", get(web::connect_callback))
+        .route("/connect/{connection}", get(web::connect_start))
+        .layer(middleware::map_response(ui::page_for_bare_errors));
     let mut app = Router::new()
         .route("/oauth/token", post(oauth::token))
         .route("/oauth/revoke", post(oauth::revoke))
         .route("/bc-authorize", post(approvals::bc_authorize))
-        .route("/approvals", get(approvals::to_dashboard))
-        .route("/approvals/{id}", get(approvals::to_dashboard_one))
         .route("/userinfo", get(oauth::userinfo).post(oauth::userinfo))
-        .route("/authorize", get(web::authorize))
-        .route("/connected-accounts/connect", get(web::connect_ticket))
         .route(
             "/me/v1/connected-accounts/connect",
             post(my_account::connect),
@@ -125,13 +135,7 @@ pub fn router(state: AppState, demo: Option<&DemoProvider>) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route("/", get(web::home))
-        .route("/login", get(web::login_page).post(web::login))
-        .route("/login/totp", get(web::totp_page).post(web::totp))
-        .route("/logout", post(web::logout))
-        .route("/account", get(web::account))
-        .route("/connect/{connection}/callback", get(web::connect_callback))
-        .route("/connect/{connection}", get(web::connect_start))
+        .merge(pages)
         .route("/proxy/{connection}", any(proxy::proxy))
         .route("/proxy/{connection}/{*path}", any(proxy::proxy))
         .nest("/api/v1", admin::router())

@@ -3,6 +3,7 @@
 //! problem-JSON errors. The decisions are in `latchkey_core::vault::my_account`.
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -162,13 +163,20 @@ pub async fn delete(
     State(s): State<AppState>,
     Extension(meta): Extension<RequestMeta>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Response {
     let result = async {
         let token = s
             .vault
             .my_account_token(bearer(&headers).as_deref(), DELETE)
             .await?;
+        // An id that is not UTF-8 once decoded: a problem like any other bad input.
+        let Path(id) = id.map_err(|_| Problem {
+            status: 400,
+            title: "Bad Request",
+            detail: "the account id is not valid UTF-8".into(),
+            validation_errors: Vec::new(),
+        })?;
         s.vault
             .my_account_delete(&token, &id, &super::web::context(&meta))
             .await

@@ -66,6 +66,12 @@ const MAX_REDIRECTS: usize = 5;
 const SCOPE_HEADER: &str = "latchkey-scope";
 /// Set on answers Latchkey itself gives (not the provider's), with the error code.
 const ERROR_HEADER: &str = "latchkey-error";
+/// Most header bytes forwarded to a provider, counted as HTTP/2 does (name, value and 32 per
+/// field): HTTP/2 servers commonly allow 16 KiB (hyper's default), and one refusing more
+/// tears down the whole connection — every call in flight on it with the oversized one.
+pub(super) const MAX_FORWARDED_HEADER_BYTES: usize = 16 * 1024;
+/// Longest path and query forwarded (the common request-line limit of HTTP servers).
+pub(super) const MAX_TARGET_BYTES: usize = 8 * 1024;
 
 impl Proxy {
     pub fn limits(&self) -> &ProxyLimits {
@@ -221,6 +227,11 @@ pub async fn proxy(
         Some(Ok(s)) => Some(s.to_owned()),
         Some(Err(_)) => return bad_request("Latchkey-Scope must be space-separated scopes"),
     };
+    if let Some(refused) =
+        oversized_call(&forwarded_headers(&parts.headers), &path, query.as_deref())
+    {
+        return refusal(&refused);
+    }
     let limits = &state.proxy.limits;
     if parts
         .headers
@@ -266,6 +277,36 @@ pub async fn proxy(
         body,
     };
     forward(&state, caller, released, outgoing, ctx).await
+}
+
+/// A call too large to forward — its headers or its path and query over what providers
+/// accept — refused before anything is released or sent.
+pub(super) fn oversized_call(
+    headers: &HeaderMap,
+    path: &str,
+    query: Option<&str>,
+) -> Option<OAuthError> {
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum();
+    if header_bytes > MAX_FORWARDED_HEADER_BYTES {
+        return Some(OAuthError {
+            status: 431,
+            ..OAuthError::invalid_request(format!(
+                "the headers to forward exceed the proxy's limit of {MAX_FORWARDED_HEADER_BYTES} bytes"
+            ))
+        });
+    }
+    if path.len() + query.map_or(0, str::len) > MAX_TARGET_BYTES {
+        return Some(OAuthError {
+            status: 414,
+            ..OAuthError::invalid_request(format!(
+                "the path and query exceed the proxy's limit of {MAX_TARGET_BYTES} bytes"
+            ))
+        });
+    }
+    None
 }
 
 fn too_large_request(max: usize) -> Response {

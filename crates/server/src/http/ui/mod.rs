@@ -77,6 +77,44 @@ pub fn router() -> Router<AppState> {
         )
         // Forms and key files are small.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::middleware::map_response(page_for_bare_errors))
+}
+
+/// Refusals made before a handler runs — a form or query that does not parse, a body over
+/// the limit, a form sent as another media type, a path that is not UTF-8, a method the page
+/// does not take — are pages of the layout too, not axum's plain-text reason (which would
+/// echo what the client sent). Headers such as `Allow` are kept.
+pub(super) async fn page_for_bare_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let html = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if html || !status.is_client_error() {
+        return resp;
+    }
+    let text = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "This page does not take this method.",
+        StatusCode::PAYLOAD_TOO_LARGE => "What was sent is too large.",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            "Send the form as a browser does (application/x-www-form-urlencoded)."
+        }
+        StatusCode::NOT_FOUND => "There is no such page.",
+        _ => "The request could not be read. Go back, reload the page and try again.",
+    };
+    let mut fresh = message(
+        status,
+        status.canonical_reason().unwrap_or("Refused"),
+        text,
+        None,
+    );
+    for name in [header::ALLOW, header::RETRY_AFTER] {
+        if let Some(v) = resp.headers().get(&name) {
+            fresh.headers_mut().insert(name, v.clone());
+        }
+    }
+    fresh
 }
 
 // --- responses ---------------------------------------------------------------------------------
@@ -107,6 +145,9 @@ fn with_headers(mut resp: Response) -> Response {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
+
+/// Longest notice carried by a redirect after a change, in characters.
+const MAX_NOTICE: usize = 300;
 
 /// The header, navigation and messages every signed-in page shares.
 pub(super) struct Nav {
@@ -211,6 +252,14 @@ impl Viewer {
     /// After a change: back to `to` with a notice. The notice travels in the URL with a
     /// signature bound to this session, so a crafted link cannot put words on a page.
     pub fn done(&self, to: &str, notice: &str) -> Response {
+        // Notices can echo what was submitted (a grant's scopes): bounded, so the redirect's
+        // `Location` stays a size every client reads (HTTP/2 clients refuse large headers).
+        let notice = if notice.chars().count() > MAX_NOTICE {
+            format!("{}…", notice.chars().take(MAX_NOTICE).collect::<String>())
+        } else {
+            notice.to_owned()
+        };
+        let notice = notice.as_str();
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         q.append_pair("notice", notice)
             .append_pair("sig", &self.notice_sig(notice));
