@@ -2559,10 +2559,21 @@ async fn corpus_oauth() {
         ]),
     ];
     let kinds = run_all(&w, &specs).await;
-    // Upstream tokens left the vault exactly for the 200 answers that carried one.
-    let released: usize = kinds.values().filter_map(|k| k.get("200 release")).sum();
-    assert!(released > 0);
-    assert_eq!(w.ts.releases().await - releases, released, "token releases");
+    // Upstream tokens left the vault only for the 200 answers that carried one — and at most
+    // for the token requests whose answer was lost when their HTTP/2 connection was torn
+    // down (big header blocks share one connection; one over the limit ends it, possibly
+    // under a valid exchange the server had already answered).
+    let answered: usize = kinds.values().filter_map(|k| k.get("200 release")).sum();
+    let lost = kinds["POST /oauth/token"]
+        .get("h2 connection refused")
+        .copied()
+        .unwrap_or(0);
+    assert!(answered > 0);
+    let audited = w.ts.releases().await - releases;
+    assert!(
+        (answered..=answered + lost).contains(&audited),
+        "token releases: {audited} audited, {answered} answered, {lost} answers lost"
+    );
     assert_intact(&w).await;
     w.ts.stop().await;
 }
@@ -2822,13 +2833,6 @@ fn operator(w: &World, method: &str, path: &'static str) -> Req {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corpus_admin_api() {
     let w = World::new().await;
-    // The operator may change anyone's rows: Bob's stay out of the destructive routes' ids.
-    let bobs = [
-        w.bob.user_id.clone(),
-        w.bob.account.clone(),
-        "bob".to_owned(),
-    ];
-    let not_bob = move |id: &str| !bobs.iter().any(|b| b == id);
     let mut specs = vec![
         spec(&w, "GET", "/api/v1/openapi.json", |_, _| {
             Req::new("GET", "/api/v1/openapi.json", Loc::Query)
@@ -2852,16 +2856,14 @@ async fn corpus_admin_api() {
         }),
         spec(&w, "DELETE", "/api/v1/accounts/{id}", |w, _| {
             operator(w, "DELETE", "/api/v1/accounts/{id}").id(&w.victim_account)
-        })
-        .ids(not_bob.clone()),
+        }),
         spec(&w, "GET", "/api/v1/users", |w, _| {
             operator(w, "GET", "/api/v1/users")
         }),
         spec(&w, "DELETE", "/api/v1/users/{user}", |w, g| {
             let u = g.pick(&w.victim_users).clone();
             operator(w, "DELETE", "/api/v1/users/{user}").id(&u)
-        })
-        .ids(not_bob),
+        }),
         spec(&w, "GET", "/api/v1/connections", |w, _| {
             operator(w, "GET", "/api/v1/connections")
         }),
@@ -2910,9 +2912,17 @@ async fn corpus_admin_api() {
             r
         }),
     ];
-    // An operator may disable any client: Bob's app, which `assert_intact` uses, is left out.
+    // The operator may change anyone's rows, on any route: a read's id swapped for Bob's and
+    // its method turned into DELETE is a legitimate deletion. Bob's rows and app, which
+    // `assert_intact` checks, stay out of every route's ids.
+    let bobs = [
+        w.bob.user_id.clone(),
+        w.bob.account.clone(),
+        w.bob_app.id.clone(),
+        "bob".to_owned(),
+    ];
     for s in &mut specs {
-        s.ctx.ids.retain(|id| *id != w.bob_app.id);
+        s.ctx.ids.retain(|id| !bobs.contains(id));
     }
     run_all(&w, &specs).await;
     assert_intact(&w).await;
