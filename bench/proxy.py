@@ -265,6 +265,7 @@ def main() -> int:
                     help="name the demo user in Latchkey-User by username (default, as in docs/agent-api.md) or id")
     ap.add_argument("--results", default=str(BENCH_DIR / "results.md"), help="Markdown file to append to")
     ap.add_argument("--no-append", action="store_true", help="print the Markdown section only")
+    ap.add_argument("--json", default=None, help="also write the figures as JSON to this file (bench/run)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--tmp-root", default=None,
                     help="parent of the temporary data dir (default: the system temp dir). Diagnostic only: "
@@ -405,6 +406,14 @@ def main() -> int:
     print()
     print(table(report))
     md = markdown(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "background": background, "ratio": report["ratio"], "checks_ok": audit_check(report)[1],
+            **{n: {"rps": results[n]["rps"], "p50_ms": results[n]["p50_us"] / 1000,
+                   "p99_ms": results[n]["p99_us"] / 1000, "cpu_us": results[n]["cpu_us"],
+                   "one_conn_p50_ms": probes[n]["p50_us"] / 1000 if n in probes else None}
+               for n in SCENARIOS},
+        }, indent=1))
     if args.no_append:
         print()
         print(md)

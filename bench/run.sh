@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Latchkey load benchmarks, on 127.0.0.1 only.
+#   bash bench/run            (= bash bench/run.sh all) everything below but nodes, one table at the
+#       end (bench/report.py), appended to bench/results.md with each part's own section; ~15 min
 #   bash bench/run.sh [exchange.py options, e.g. --duration 10 --connections 32 --no-append]
-#       token exchange vs. bare GET /healthz (bench/exchange.py)
+#       token exchange (RS256 and ES256, client secret and private_key_jwt) vs. bare GET /healthz
+#       vs. the oidc-provider peer, plus one verification's cost (bench/exchange.py)
+#   bash bench/run.sh scale [scale.py options, e.g. --sizes 1000,1000000 --no-append]
+#       exchange p50/p99, RSS and start-up with 10^3 … 10^6 seeded accounts (bench/scale.py)
 #   bash bench/run.sh proxy [proxy.py options, e.g. --duration 10 --no-append]
 #       proxy call vs. direct demo API call vs. bare GET /healthz (bench/proxy.py)
 #   bash bench/run.sh nodes [nodes.py options, e.g. --nodes 3 --duration 10 --no-append]
@@ -14,8 +19,10 @@ set -euo pipefail
 
 SCRIPT="exchange.py"
 case "${1:-}" in
+  all) SCRIPT="all"; shift ;;
   proxy) SCRIPT="proxy.py"; shift ;;
   nodes) SCRIPT="nodes.py"; shift ;;
+  scale) SCRIPT="scale.py"; shift ;;
   exchange) shift ;;
 esac
 
@@ -39,6 +46,14 @@ if ! "$BENCH_DIR/.venv/bin/python" -c 'import requests, cryptography' >/dev/null
   timeout 300 "$BENCH_DIR/.venv/bin/pip" install -q requests cryptography
 fi
 
+# The peer (oidc-provider, pinned in bench/peer/package-lock.json) for exchange.py.
+if [ "$SCRIPT" = "exchange.py" ] || [ "$SCRIPT" = "all" ]; then
+  if [ ! -d "$BENCH_DIR/peer/node_modules/oidc-provider" ]; then
+    echo "[run.sh] npm ci in bench/peer (oidc-provider)"
+    (cd "$BENCH_DIR/peer" && timeout 300 npm ci --no-audit --no-fund)
+  fi
+fi
+
 if [ "${BENCH_SKIP_BUILD:-0}" = "1" ]; then
   echo "[run.sh] BENCH_SKIP_BUILD=1: using the existing target/release/latchkey"
 else
@@ -48,8 +63,27 @@ else
 fi
 
 # exchange.py bounds itself: each wrk run is -d seconds (default 10), setup and signing
-# are limited by the 60 s subject-token age; the whole run takes well under 2 minutes.
+# are limited by the 60 s subject-token age.
 # proxy.py runs 3 × (3 s warm-up + 10 s + 5 s on one connection): about 1.5 minutes.
 # nodes.py runs 2 × 10 s of /healthz and 4 exchange runs (3 s warm-up, signing, 10 s): about
 # 3 minutes; on SIGTERM from `timeout` it still stops its nodes and drops its database.
-exec timeout 600 "$BENCH_DIR/.venv/bin/python" "$BENCH_DIR/$SCRIPT" "$@"
+# exchange.py with all its scenarios: 4 exchange runs and the peer, ~5 minutes.
+# scale.py: seeding 10^6 accounts takes ~1–2 minutes, 4 sizes × ~40 s of load: ~6–10 minutes.
+PY="$BENCH_DIR/.venv/bin/python"
+if [ "$SCRIPT" = "all" ]; then
+  OUT="$(mktemp -d /tmp/latchkey-bench-run-XXXXXX)"
+  echo "[run.sh] all: figures in $OUT"
+  status=0
+  timeout 900 "$PY" "$BENCH_DIR/exchange.py" --json "$OUT/exchange.json" "$@" || status=1
+  timeout 1800 "$PY" "$BENCH_DIR/scale.py" --json "$OUT/scale.json" ${BENCH_SIZES:+--sizes "$BENCH_SIZES"} || status=1
+  timeout 600 "$PY" "$BENCH_DIR/proxy.py" --json "$OUT/proxy.json" || status=1
+  echo
+  "$PY" "$BENCH_DIR/report.py" "$OUT"
+  exit $status
+fi
+case "$SCRIPT" in
+  scale.py) LIMIT=1800 ;;
+  exchange.py) LIMIT=900 ;;
+  *) LIMIT=600 ;;
+esac
+exec timeout "$LIMIT" "$PY" "$BENCH_DIR/$SCRIPT" "$@"

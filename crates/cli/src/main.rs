@@ -2,6 +2,7 @@
 //! agent-side `token` command — one binary.
 
 mod backup;
+mod bench;
 mod mcp;
 mod migrate;
 mod token;
@@ -135,6 +136,9 @@ enum Command {
         after_help = "Example:\n  latchkey backup --out /var/backups/latchkey/latchkey-$(date +%F).db\n\nRestore: stop the server, put the file back as {data_dir}/latchkey.db (remove any\nlatchkey.db-wal and latchkey.db-shm beside it), keep the same key file, start."
     )]
     Backup(backup::BackupArgs),
+    /// Helpers for the load benchmarks in bench/ (not a stable interface).
+    #[command(subcommand, hide = true)]
+    Bench(bench::BenchCmd),
 }
 
 #[derive(Args)]
@@ -720,6 +724,30 @@ async fn run(cli: Cli) -> Result<()> {
             let config = load_config(g, None)?;
             init_logging("warn");
             backup::run(&config, args).await
+        }
+        Command::Bench(bench::BenchCmd::VerifyCost { iterations }) => {
+            bench::verify_cost(iterations)
+        }
+        Command::Bench(bench::BenchCmd::SeedAccounts {
+            connection,
+            count,
+            scopes,
+            expires_in,
+            batch,
+        }) => {
+            let config = load_config(g, None)?;
+            init_logging("warn");
+            let vault = admin_vault(&config).await?;
+            bench::seed_accounts(
+                &config,
+                vault,
+                &connection,
+                count,
+                &scopes,
+                expires_in,
+                batch,
+            )
+            .await
         }
         Command::Connection(ConnectionCmd::Providers { json }) => {
             print_providers(json);
@@ -1331,6 +1359,7 @@ async fn admin(vault: &Vault, config: &Config, command: Command) -> Result<()> {
         | Command::Mcp(_)
         | Command::Migrate(_)
         | Command::Backup(_)
+        | Command::Bench(_)
         | Command::Connection(ConnectionCmd::Providers { .. }) => unreachable!("handled by run"),
     }
     Ok(())
